@@ -1,0 +1,241 @@
+"""Frozen dataclasses, one per component. Each field has a docstring; checks name the field."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+
+
+class ConfigError(ValueError):
+    """An unknown key or a bad value; the message names the key."""
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    vocab_size: int = 256
+    """Byte-level tokens: 256."""
+    seq_len: int = 64
+    """Tokens per sample seen by the model (each stored sample holds seq_len + 1 bytes)."""
+    n_layer: int = 2
+    """Transformer blocks."""
+    n_head: int = 2
+    """Attention heads per block."""
+    d_model: int = 64
+    """Width of the residual stream; a multiple of n_head."""
+    dropout: float = 0.1
+    """Dropout probability: it draws random numbers, so resume must restore the RNG states."""
+
+    def __post_init__(self):
+        _require(self.d_model % self.n_head == 0, "model.d_model", "must be a multiple of model.n_head")
+        _require(0.0 <= self.dropout < 1.0, "model.dropout", "must be in [0, 1)")
+        for name in ("vocab_size", "seq_len", "n_layer", "n_head", "d_model"):
+            _require(getattr(self, name) > 0, f"model.{name}", "must be positive")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    path: str = "./data/test"
+    """Folder (local or gs://) holding train/*.parquet and val/*.parquet with columns id, tokens."""
+    prepare: str = "stdlib"
+    """'stdlib': build the corpus from this Python's own source files if path has none; 'none'."""
+    train_files: int = 6
+    """Prepared dataset only: number of train parquet files."""
+    samples_per_file: int = 64
+    """Prepared dataset only: samples per train file."""
+    val_samples: int = 32
+    """Prepared dataset only: samples in the validation file."""
+    row_group_size: int = 16
+    """Prepared dataset only: rows per parquet row group (the unit a resume reads from)."""
+    shuffle_seed: int = 0
+    """The order of files in epoch E is a permutation drawn from (shuffle_seed, E)."""
+
+    def __post_init__(self):
+        _require(self.prepare in ("stdlib", "none"), "data.prepare", "must be 'stdlib' or 'none'")
+        for name in ("train_files", "samples_per_file", "val_samples", "row_group_size"):
+            _require(getattr(self, name) > 0, f"data.{name}", "must be positive")
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimConfig:
+    lr: float = 3e-3
+    """Peak learning rate of AdamW."""
+    weight_decay: float = 0.01
+    """AdamW weight decay."""
+    warmup_steps: int = 4
+    """Linear warm-up steps."""
+    decay_steps: int = 40
+    """Cosine decay horizon. Independent of max_steps, so --max-steps never bends the schedule."""
+    min_lr_ratio: float = 0.1
+    """The LR at and after decay_steps, as a fraction of lr."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip; 0 disables it."""
+
+    def __post_init__(self):
+        _require(self.lr > 0, "optim.lr", "must be positive")
+        _require(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+        _require(self.decay_steps > self.warmup_steps, "optim.decay_steps", "must exceed optim.warmup_steps")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    max_steps: int = 40
+    """Optimizer steps at which the run stops (--max-steps overrides)."""
+    global_batch_size: int = 16
+    """Samples per optimizer step over all workers; a multiple of workers x grad_accum_steps."""
+    grad_accum_steps: int = 1
+    """Micro-batches per optimizer step on each worker."""
+    mixed_precision: str = "no"
+    """Accelerate mixed precision: 'no', 'bf16' or 'fp16'."""
+    seed: int = 1234
+    """Seeds model init and each rank's dropout stream."""
+    log_every: int = 1
+    """Record loss and LR every N steps."""
+    val_every: int = 8
+    """Validate every N steps (and at the end); 0 disables it."""
+    val_batch_size: int = 16
+    """Validation samples per forward pass."""
+
+    def __post_init__(self):
+        _require(self.max_steps > 0, "train.max_steps", "must be positive")
+        _require(self.global_batch_size > 0, "train.global_batch_size", "must be positive")
+        _require(self.grad_accum_steps > 0, "train.grad_accum_steps", "must be positive")
+        _require(self.mixed_precision in ("no", "bf16", "fp16"), "train.mixed_precision",
+                 "must be 'no', 'bf16' or 'fp16'")
+        _require(self.log_every > 0, "train.log_every", "must be positive")
+        _require(self.val_every >= 0, "train.val_every", "must be >= 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScalingConfig:
+    num_workers: int = 2
+    """Ray Train workers (one process each)."""
+    use_gpu: bool = False
+    """One GPU per worker, NCCL between them."""
+    cpus_per_worker: float = 1.0
+    """Logical CPUs each worker reserves."""
+
+    def __post_init__(self):
+        _require(self.num_workers > 0, "scaling.num_workers", "must be positive")
+        _require(self.cpus_per_worker > 0, "scaling.cpus_per_worker", "must be positive")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CheckpointConfig:
+    storage: str = "./runs"
+    """Local folder or gs://bucket/prefix; checkpoints go to {storage}/{run_name}/."""
+    run_name: str = ""
+    """The run's folder; empty means the config's name."""
+    every: int = 8
+    """Save every N steps (and always at the last step)."""
+    upload: str = "async"
+    """'async': upload in the background (training waits only for the local snapshot); 'sync'."""
+    max_failures: int = 0
+    """Worker-group restarts Ray may do before the run fails."""
+
+    def __post_init__(self):
+        _require(self.every > 0, "checkpoint.every", "must be positive")
+        _require(self.upload in ("async", "sync"), "checkpoint.upload", "must be 'async' or 'sync'")
+        _require(self.max_failures >= -1, "checkpoint.max_failures", "must be >= -1 (-1: no limit)")
+        _require("/" not in self.run_name, "checkpoint.run_name", "must not contain '/'")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    name: str = "test"
+    """The preset this config came from; the default run name."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def __post_init__(self):
+        per_step = self.scaling.num_workers * self.train.grad_accum_steps
+        _require(self.train.global_batch_size % per_step == 0, "train.global_batch_size",
+                 f"{self.train.global_batch_size} is not a multiple of scaling.num_workers x "
+                 f"train.grad_accum_steps = {per_step}")
+
+    @property
+    def run_name(self) -> str:
+        return self.checkpoint.run_name or self.name
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _coerce(value, annotation, key: str):
+    hint = annotation
+    if isinstance(hint, str):
+        hint = {"int": int, "float": float, "str": str, "bool": bool}.get(hint, hint)
+    if hint is bool:
+        _require(isinstance(value, bool), key, f"expected true or false, got {value!r}")
+    elif hint is int:
+        _require(isinstance(value, int) and not isinstance(value, bool), key,
+                 f"expected an integer, got {value!r}")
+    elif hint is float:
+        _require(isinstance(value, (int, float)) and not isinstance(value, bool), key,
+                 f"expected a number, got {value!r}")
+        value = float(value)
+    elif hint is str:
+        _require(isinstance(value, str), key, f"expected a string, got {value!r}")
+    return value
+
+
+def from_dict(cls, data: dict, prefix: str = ""):
+    """Build cls from a nested dict; an unknown key is an error naming the key."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in fields:
+            raise ConfigError(f"Unknown config key '{full}' (known: {', '.join(sorted(fields))})")
+        f = fields[key]
+        if dataclasses.is_dataclass(f.default_factory) if f.default_factory is not dataclasses.MISSING else False:
+            kwargs[key] = from_dict(f.default_factory, value, f"{full}.")
+        else:
+            kwargs[key] = _coerce(value, f.type, full)
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"{prefix or 'config'}: {e}") from None
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def with_overrides(cfg: Config, overrides: dict) -> Config:
+    """Apply a nested dict of overrides; validation runs again on the result."""
+    return from_dict(Config, _merge(to_dict(cfg), overrides))
+
+
+def parse_set(assignments: list[str]) -> dict:
+    """['train.max_steps=10', 'model.dropout=0'] -> nested dict, values parsed as YAML scalars."""
+    import yaml
+
+    nested: dict = {}
+    for item in assignments:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.max_steps=100")
+        value = yaml.safe_load(raw) if raw != "" else ""
+        node = nested
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return nested

@@ -1,0 +1,1 @@
+"""The job entrypoint and everything that runs on the driver."""

@@ -1,0 +1,49 @@
+"""Start or join Ray and run the TorchTrainer."""
+
+from __future__ import annotations
+
+import os
+
+import ray
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from configs.schema import Config
+from storage.location import Location
+from trainers.loop import train_loop
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def init_ray(cfg: Config) -> None:
+    """Join RAY_ADDRESS's cluster if set, else start a local Ray sized for the workers."""
+    if ray.is_initialized():
+        return
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [REPO_ROOT, os.environ.get("PYTHONPATH")]))}
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(runtime_env=None if os.environ.get("RAY_JOB_ID") else {"env_vars": env},
+                 log_to_driver=True)
+    else:
+        cpus = max(os.cpu_count() or 1, int(cfg.scaling.num_workers * cfg.scaling.cpus_per_worker) + 2)
+        ray.init(num_cpus=cpus, runtime_env={"env_vars": env}, include_dashboard=False,
+                 log_to_driver=True)
+
+
+def fit(cfg: Config, run: Location, storage: Location, plan: dict):
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=plan,
+        scaling_config=ScalingConfig(
+            num_workers=cfg.scaling.num_workers,
+            use_gpu=cfg.scaling.use_gpu,
+            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
+        ),
+        run_config=RunConfig(
+            name=cfg.run_name,
+            storage_path=storage.path,
+            storage_filesystem=storage.fs,
+            checkpoint_config=CheckpointConfig(num_to_keep=None),  # retention: ours, not Ray's
+            failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures),
+        ),
+    )
+    return trainer.fit()

@@ -1,0 +1,124 @@
+"""Resolve --resume to one complete checkpoint, on the driver, before any worker starts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from configs.schema import Config
+from ray_job.errors import UserError
+from storage import checkpoint as ckpt
+from storage.location import Location, resolve
+from storage.names import CheckpointName
+
+
+@dataclass(frozen=True)
+class ResumeChoice:
+    name: str
+    loc: Location
+    metadata: dict
+
+    @property
+    def step(self) -> int:
+        return int(self.metadata["step"])
+
+
+def _existing(run: Location) -> str:
+    names = [str(e.name) for e in ckpt.list_checkpoints(run)]
+    return ", ".join(names) if names else "none"
+
+
+def resolve_resume(arg: str, run: Location) -> ResumeChoice:
+    """`latest`, a checkpoint name in this run, or a full path/URI to a checkpoint folder."""
+    if arg == "latest":
+        entry = ckpt.latest_complete(run)
+        if entry is None:
+            raise UserError(
+                f"--resume latest: no complete checkpoint in {run.uri} "
+                f"(checkpoints there: {_existing(run)}); start without --resume, or check "
+                "--storage and --run-name"
+            )
+        loc, name = entry.loc, str(entry.name)
+    elif "/" in arg or "://" in arg:
+        try:
+            loc = resolve(arg)
+        except ValueError as e:
+            raise UserError(f"--resume {arg}: {e}") from None
+        name = loc.path.rstrip("/").rsplit("/", 1)[-1]
+        if ckpt.check(loc).status is ckpt.Status.INCOMPLETE and not _any_file(loc):
+            raise UserError(f"No files found for checkpoint {arg}: nothing at {loc.uri}")
+    else:
+        try:
+            CheckpointName.parse(arg)
+        except ValueError as e:
+            raise UserError(f"--resume {e}") from None
+        loc, name = run.child(arg), arg
+        if not _any_file(loc):
+            raise UserError(
+                f"No files found for checkpoint {arg} in {run.uri}. Checkpoints there: "
+                f"{_existing(run)}. Check the name, --storage and --run-name, or use --resume latest"
+            )
+    result = ckpt.check(loc, verify_hashes=True)
+    if not result.ok:
+        raise UserError(
+            f"--resume {arg}: checkpoint {loc.uri} is {result.status.value} ({result.reason}) and "
+            f"cannot be resumed; pick a complete one (--resume latest skips incomplete ones)"
+        )
+    return ResumeChoice(name=name, loc=loc, metadata=result.metadata)
+
+
+def _any_file(loc: Location) -> bool:
+    import pyarrow.fs as pafs
+
+    sel = pafs.FileSelector(loc.path, recursive=True, allow_not_found=True)
+    return any(i.type == pafs.FileType.File for i in loc.fs.get_file_info(sel))
+
+
+def check_compatible(choice: ResumeChoice, cfg: Config, max_steps: int, world: int) -> None:
+    """Refuse a resume that cannot continue this config."""
+    saved = choice.metadata.get("config", {})
+    if saved.get("model") != _asdict(cfg.model):
+        diffs = [f"{k}: checkpoint {saved.get('model', {}).get(k)!r} vs config {v!r}"
+                 for k, v in _asdict(cfg.model).items() if saved.get("model", {}).get(k) != v]
+        raise UserError(
+            f"--resume {choice.name}: the checkpoint holds an incompatible model "
+            f"({'; '.join(diffs)}); resume with the config it was trained with"
+        )
+    if choice.metadata["global_batch_size"] != cfg.train.global_batch_size:
+        raise UserError(
+            f"--resume {choice.name}: the checkpoint used global batch size "
+            f"{choice.metadata['global_batch_size']}, this config {cfg.train.global_batch_size}; "
+            "the data cursor and the schedule assume the same one: --set "
+            f"train.global_batch_size={choice.metadata['global_batch_size']}"
+        )
+    if max_steps <= choice.step:
+        raise UserError(
+            f"--max-steps {max_steps} is not above the resumed step {choice.step} of "
+            f"{choice.name}: pass --max-steps greater than {choice.step}"
+        )
+
+
+def check_no_overwrite(run: Location, choice: ResumeChoice | None) -> None:
+    """Never let this run write names that a newer checkpoint of the same run already has.
+
+    The rule is decided here, on the driver, before any worker starts, so every rank agrees.
+    """
+    complete = [e for e in ckpt.list_checkpoints(run) if ckpt.check(e.loc).ok]
+    if choice is None and complete:
+        raise UserError(
+            f"run '{run.uri}' already has checkpoints (newest: {complete[-1].name}); "
+            "continue it with --resume latest, or start a new run with --run-name NEW"
+        )
+    if choice is not None:
+        newer = [e for e in complete if e.name.step > choice.step]
+        if newer:
+            raise UserError(
+                f"--resume {choice.name}: run {run.uri} already has newer checkpoints "
+                f"({', '.join(str(e.name) for e in newer)}) that resuming here would overwrite; "
+                f"fork into a new run with --run-name NEW (keeps these), or --resume latest"
+            )
+
+
+def _asdict(dc) -> dict:
+    import dataclasses
+
+    return dataclasses.asdict(dc)

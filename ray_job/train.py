@@ -1,0 +1,84 @@
+"""`python -m ray_job.train`: parse, resolve, validate, train. Exit 0 done, 2 bad input, 1 failure."""
+
+from __future__ import annotations
+
+import sys
+import uuid
+
+from configs.schema import ConfigError, to_dict, with_overrides
+from ray_job.cli import parser, resolve_config
+from ray_job.errors import UserError
+
+
+def prepare(argv: list[str] | None = None) -> tuple:
+    """Everything that can fail because of user input, done before Ray starts."""
+    from ray_job import data_prep, resume
+    from storage.location import resolve
+    from trainers.data import DataIndex, build_index
+
+    args = parser().parse_args(argv)
+    cfg = resolve_config(args)
+    try:
+        storage = resolve(cfg.checkpoint.storage)
+        data = resolve(cfg.data.path)
+    except ValueError as e:
+        raise UserError(f"--storage/data.path: {e}") from None
+    run = storage.child(cfg.run_name)
+    # Workers run elsewhere (another cwd, another node): hand them absolute locations.
+    cfg = with_overrides(cfg, {"data": {"path": data.uri}, "checkpoint": {"storage": storage.uri}})
+    choice = resume.resolve_resume(args.resume, run) if args.resume else None
+    if choice is not None:
+        resume.check_compatible(choice, cfg, cfg.train.max_steps, cfg.scaling.num_workers)
+        if choice.metadata["world_size"] != cfg.scaling.num_workers:
+            print(f"⚠️  {choice.name} was written by {choice.metadata['world_size']} workers; "
+                  f"resuming on {cfg.scaling.num_workers} with the same global batch size")
+    resume.check_no_overwrite(run, choice)
+    if choice is not None:
+        index = DataIndex.from_json(choice.metadata["data_index"])  # no data file is opened
+    else:
+        if cfg.data.prepare == "stdlib":
+            data_prep.prepare(data, cfg)
+        index = build_index(data.fs, data.path)
+        if not index.files:
+            raise UserError(f"data.path {data.uri}: no train/*.parquet files there")
+    plan = {
+        "config": to_dict(cfg),
+        "launch_id": uuid.uuid4().hex,
+        "run_name": cfg.run_name,
+        "run_uri": run.uri,
+        "max_steps": cfg.train.max_steps,
+        "data_index": index.to_json(),
+        "resume": {"name": choice.name, "uri": choice.loc.uri} if choice else None,
+        "audit_dir": args.audit_dir,
+    }
+    if choice is not None:
+        print(f"🔎 --resume {args.resume} -> {choice.loc.uri} (step {choice.step}, verified)")
+
+    return cfg, storage, run, plan
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg, storage, run, plan = prepare(argv)
+    except (UserError, ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from ray_job import launch
+
+    print(f"🚀 Run '{cfg.run_name}': checkpoints in {run.uri}, {cfg.scaling.num_workers} workers, "
+          f"max_steps {cfg.train.max_steps}")
+    launch.init_ray(cfg)
+    try:
+        result = launch.fit(cfg, run, storage, plan)
+    except Exception as e:  # Ray wraps worker errors; the traceback is in the log above
+        print(f"❌ Training failed: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    metrics = result.metrics or {}
+    print(f"🏁 Done: step {metrics.get('step')}, epoch {metrics.get('epoch')}, "
+          f"last checkpoint {metrics.get('checkpoint')} (progress started at step "
+          f"{metrics.get('progress_initial')})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Checkpoint names, storage locations and checkpoint files. Imports neither Ray nor the model."""

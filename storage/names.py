@@ -1,0 +1,65 @@
+"""The one place that formats and parses checkpoint names.
+
+    ===========================================  =====  ====  =====
+    name                                         epoch  step  files
+    ===========================================  =====  ====  =====
+    checkpoint-epoch0-step8-files2               0      8     2
+    checkpoint-epoch1-step24-files0              1      24    0
+    checkpoint-epoch12-step150000-files310       12     150000 310
+    ===========================================  =====  ====  =====
+
+Numbers are unpadded (the guide's form), so names never sort as strings:
+always sort by ``CheckpointName.sort_key`` (transformers#27138 deleted the newest
+checkpoint by sorting "step-9" after "step-10").
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Iterable
+
+_PATTERN = re.compile(r"^checkpoint-epoch(0|[1-9]\d*)-step(0|[1-9]\d*)-files(0|[1-9]\d*)$")
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointName:
+    epoch: int
+    step: int
+    files: int  # data files fully trained on in the current epoch
+
+    def __str__(self) -> str:
+        return f"checkpoint-epoch{self.epoch}-step{self.step}-files{self.files}"
+
+    @property
+    def sort_key(self) -> tuple[int, int, int]:
+        return (self.step, self.epoch, self.files)
+
+    @classmethod
+    def parse(cls, text: str) -> "CheckpointName":
+        """Parse a name; raise ValueError naming the expected form."""
+        match = _PATTERN.match(text)
+        if match is None:
+            raise ValueError(
+                f"'{text}' is not a checkpoint name: expected "
+                "checkpoint-epoch{E}-step{S}-files{F}, e.g. checkpoint-epoch0-step800-files0"
+            )
+        epoch, step, files = (int(g) for g in match.groups())
+        return cls(epoch=epoch, step=step, files=files)
+
+    @classmethod
+    def try_parse(cls, text: str) -> "CheckpointName | None":
+        try:
+            return cls.parse(text)
+        except ValueError:
+            return None
+
+
+def is_checkpoint_name(text: str) -> bool:
+    return _PATTERN.match(text) is not None
+
+
+def sort_names(names: Iterable[str]) -> list[str]:
+    """Checkpoint names in training order (by step, then epoch, then files); others dropped."""
+    parsed = [n for n in (CheckpointName.try_parse(x) for x in names) if n is not None]
+    return [str(n) for n in sorted(parsed, key=lambda n: n.sort_key)]

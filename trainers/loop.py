@@ -1,0 +1,323 @@
+"""The train loop each Ray worker runs. Reads like the guide:
+
+set up Accelerate -> restore (if any) -> build the data stream from the cursor ->
+for each step: train, log, validate, checkpoint -> finish.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+import ray.train
+import torch
+import torch.distributed as dist
+from accelerate import Accelerator
+from ray.train import Checkpoint, CheckpointUploadMode
+from tqdm import tqdm
+
+from configs.schema import Config, from_dict
+from storage import checkpoint as ckpt
+from storage.location import Location, resolve
+from storage.names import CheckpointName
+from trainers import checkpointing
+from trainers.data import DataIndex, EpochPlan, RankStream, read_all
+from trainers.model import GPT
+from trainers.state import TrainState
+
+
+def train_loop(plan: dict) -> None:
+    cfg: Config = from_dict(Config, plan["config"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    say = print if rank == 0 else (lambda *a, **k: None)
+
+    # --- set up Accelerate, the model, the optimizer and the schedule -------------------
+    accelerator = Accelerator(
+        cpu=not cfg.scaling.use_gpu,
+        mixed_precision=cfg.train.mixed_precision,
+        gradient_accumulation_steps=cfg.train.grad_accum_steps,
+    )
+    torch.manual_seed(cfg.train.seed)  # identical init on every rank
+    model = GPT(cfg.model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr,
+                                  weight_decay=cfg.optim.weight_decay)
+    # Stepped by us, not prepared: Accelerate's scheduler wrapper steps once per process.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
+    _seed_rank(cfg.train.seed, rank)  # each rank's own dropout stream
+    state = TrainState()
+
+    # --- restore ------------------------------------------------------------------------
+    source = _choose_resume_source(plan, say)
+    if source is not None:
+        state = _restore(source, plan, model, optimizer, scheduler, rank, world, say)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    index = DataIndex.from_json(plan["data_index"])
+    data = resolve(cfg.data.path)
+    val_ids, val_tokens = read_all(data.fs, data.child("val").path) if cfg.train.val_every else (None, None)
+
+    # --- build the data stream from the cursor --------------------------------------------
+    G, A = cfg.train.global_batch_size, cfg.train.grad_accum_steps
+    max_steps = plan["max_steps"]
+    epoch_plan = EpochPlan.make(index, cfg.data.shuffle_seed, state.epoch)
+    steps_per_epoch = epoch_plan.steps(G)
+    if steps_per_epoch == 0:
+        raise ValueError(f"the dataset has {index.total_rows} samples, fewer than one global batch ({G})")
+    say("\n📈 Starting optimized training loop...")
+    if source is not None:
+        say(f"🔄 Resuming training from step {state.step}, target: {max_steps}")
+        say(f"🔄 Resuming epoch {state.epoch}: skipping {state.samples_in_epoch // G} batches")
+    stream = RankStream(data.fs, epoch_plan, G, world, rank, state.samples_in_epoch)
+    batches = iter(stream)
+    audit = _Audit(plan, rank)
+    audit.opened(state, stream)
+    progress_initial = state.step
+    bar = tqdm(total=max_steps, initial=state.step, desc="Training", unit="step",
+               disable=rank != 0, mininterval=1.0, dynamic_ncols=False, ascii=True)
+
+    # --- for each step: train, log, validate, checkpoint ------------------------------------
+    model.train()
+    while state.step < max_steps:
+        if state.samples_in_epoch >= steps_per_epoch * G:  # epoch done: next order, cursor 0
+            stream.close()
+            state.epoch, state.samples_in_epoch = state.epoch + 1, 0
+            epoch_plan = EpochPlan.make(index, cfg.data.shuffle_seed, state.epoch)
+            stream = RankStream(data.fs, epoch_plan, G, world, rank, 0)
+            batches = iter(stream)
+        ids, tokens = next(batches)
+        audit.opened(state, stream)
+        audit.trained(state, ids)
+        loss = _train_step(accelerator, model, optimizer, cfg, tokens, A)
+        lr = scheduler.get_last_lr()[0]
+        scheduler.step()
+        state.step += 1
+        state.samples_in_epoch += G
+
+        mean_loss = accelerator.reduce(loss.detach().float(), "mean").item()
+        state.best_loss = min(state.best_loss, mean_loss)
+        if state.step % cfg.train.log_every == 0:
+            state.loss_history.append([state.step, mean_loss])
+            state.lr_history.append([state.step, lr])
+        bar.update(1)
+        bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", refresh=False)
+
+        last = state.step == max_steps
+        if cfg.train.val_every and (state.step % cfg.train.val_every == 0 or last):
+            val_loss = _validate(accelerator, model, val_tokens, cfg, rank, world)
+            state.val_history.append([state.step, val_loss])
+            state.best_val_loss = min(state.best_val_loss, val_loss)
+        if state.step % cfg.checkpoint.every == 0 or last:
+            _save(plan, cfg, accelerator, model, optimizer, scheduler, state, epoch_plan,
+                  progress_initial, rank, world, say)
+
+    # --- finish ---------------------------------------------------------------------------
+    bar.close()
+    stream.close()
+    say(f"🏁 Training finished at step {state.step}, epoch {state.epoch}; "
+        f"best loss {state.best_loss:.4f}; progress started at step {progress_initial}")
+
+
+def _lr_lambda(cfg: Config):
+    warmup, decay, floor = cfg.optim.warmup_steps, cfg.optim.decay_steps, cfg.optim.min_lr_ratio
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if step >= decay:
+            return floor
+        progress = (step - warmup) / (decay - warmup)
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def _seed_rank(seed: int, rank: int) -> None:
+    torch.manual_seed(seed * 1000 + rank + 1)
+    np.random.seed((seed * 1000 + rank + 1) % 2**32)
+
+
+def _train_step(accelerator, model, optimizer, cfg: Config, tokens: np.ndarray, accum: int):
+    device = accelerator.device
+    batch = torch.from_numpy(tokens.astype(np.int64)).to(device)
+    total = torch.zeros((), device=device)
+    for micro in torch.chunk(batch, accum):
+        with accelerator.accumulate(model):
+            loss = model(micro[:, :-1], micro[:, 1:])
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and cfg.optim.grad_clip > 0:
+                accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        total += loss.detach() / accum
+    return total
+
+
+@torch.no_grad()
+def _validate(accelerator, model, val_tokens, cfg: Config, rank: int, world: int) -> float:
+    model.eval()
+    device, bs = accelerator.device, cfg.train.val_batch_size
+    sums = torch.zeros(2, device=device)  # loss x samples, samples
+    starts = list(range(0, len(val_tokens), bs))
+    for lo in starts[rank::world]:  # each rank a share; the sum is the same on every rank
+        batch = torch.from_numpy(val_tokens[lo:lo + bs].astype(np.int64)).to(device)
+        loss = accelerator.unwrap_model(model)(batch[:, :-1], batch[:, 1:])
+        sums += torch.stack([loss.float() * len(batch), torch.tensor(float(len(batch)), device=device)])
+    sums = accelerator.reduce(sums, "sum")
+    model.train()
+    return (sums[0] / sums[1]).item()
+
+
+def _choose_resume_source(plan: dict, say) -> tuple[Location, str] | None:
+    """An explicit --resume wins on the first attempt; Ray's own checkpoint on in-run retries.
+
+    Ray's get_checkpoint() also returns the latest checkpoint of an *earlier* job with the same
+    run name and storage, which would silently override --resume NAME: only a checkpoint
+    written by this launch (same launch_id) counts as an in-run retry.
+    """
+    reported = ray.train.get_checkpoint()
+    if reported is not None:
+        loc = Location(reported.filesystem, reported.path, reported.path)
+        try:
+            launch = ckpt.read_metadata(loc).get("launch_id")
+        except Exception:
+            launch = None
+        if launch == plan["launch_id"]:
+            name = os.path.basename(reported.path.rstrip("/"))
+            say(f"🔁 Restarted by Ray: resuming from this run's latest checkpoint {name} "
+                f"(it wins over --resume on in-run retries)")
+            return Location(reported.filesystem, reported.path,
+                            plan["run_uri"].rstrip("/") + "/" + name), name
+    if plan.get("resume"):
+        r = plan["resume"]
+        loc = resolve(r["uri"])
+        return loc, r["name"]
+    return None
+
+
+def _restore(source, plan, model, optimizer, scheduler, rank, world, say) -> TrainState:
+    loc, name = source
+    say(f"🔄 Attempting to resume training from checkpoint: {name}")
+    started = time.time()
+    if loc.is_remote:
+        say("📥 Downloading checkpoint from GCS...")
+    scratch = tempfile.mkdtemp(prefix="resume-")
+    folder = ckpt.fetch(loc, scratch)
+    metadata = checkpointing.load_metadata(folder)
+    checkpointing.load_model(folder, model)
+    checkpointing.load_optimizer(folder, optimizer)
+    checkpointing.load_scheduler(folder, scheduler)
+    rng = os.path.join(folder, ckpt.rng_file(rank))
+    if metadata["world_size"] == world and os.path.exists(rng):
+        checkpointing.restore_rng(rng)
+    else:
+        say(f"⚠️  Checkpoint was written by {metadata['world_size']} workers, this run has {world}: "
+            "data order and cursor carry over; dropout streams start fresh")
+    metrics = checkpointing.load_metrics(folder)
+    state = TrainState.from_checkpoint(metadata, metrics)
+    state.resumes.append([state.step, name])
+    say(f"✅ Resumed from checkpoint: {name}")
+    say(f"   Starting from Step: {state.step + 1}, Epoch: {state.epoch}")
+    say(f"   Best loss restored: {state.best_loss:.4f}")
+    say(f"   Loss history entries: {len(state.loss_history)}")
+    say(f"   Training will continue from global step {state.step + 1}")
+    say(f"✅ Restored scheduler state (last LR {scheduler.get_last_lr()[0]:.6g})")
+    say(f"✅ Loaded training metrics ({len(state.loss_history)} loss, {len(state.lr_history)} LR, "
+        f"{len(state.val_history)} validation entries)")
+    say(f"   Checkpoint verified and loaded in {time.time() - started:.2f}s")
+    return state
+
+
+def _save(plan, cfg, accelerator, model, optimizer, scheduler, state, epoch_plan,
+          progress_initial, rank, world, say) -> None:
+    name = CheckpointName(epoch=state.epoch, step=state.step,
+                          files=epoch_plan.files_done(state.samples_in_epoch))
+    if state.samples_in_epoch >= epoch_plan.steps(cfg.train.global_batch_size) * cfg.train.global_batch_size:
+        # The epoch is over: the checkpoint belongs to the start of the next one.
+        state.epoch, state.samples_in_epoch = state.epoch + 1, 0
+        name = CheckpointName(epoch=state.epoch, step=state.step, files=0)
+    started = time.time()
+    blob = checkpointing.capture_rng()
+    blobs = [None] * world
+    if world > 1:
+        dist.all_gather_object(blobs, blob)
+    else:
+        blobs = [blob]
+    metrics = {
+        "step": state.step, "epoch": state.epoch,
+        "loss": state.loss_history[-1][1] if state.loss_history else None,
+        "val_loss": state.val_history[-1][1] if state.val_history else None,
+        "best_loss": state.best_loss, "progress_initial": progress_initial,
+        "checkpoint": str(name),
+    }
+    mode = CheckpointUploadMode.ASYNC if cfg.checkpoint.upload == "async" else CheckpointUploadMode.SYNC
+    if rank != 0:
+        ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=str(name),
+                         checkpoint_upload_mode=mode)
+        return
+    folder = tempfile.mkdtemp(prefix=f"{name}-")  # must outlive report(): the upload is async
+    metadata = {
+        "name": str(name), "run_name": plan["run_name"], "launch_id": plan["launch_id"],
+        "created_at": ckpt.now_iso(), "files_processed": name.files, "world_size": world,
+        "global_batch_size": cfg.train.global_batch_size, "config": plan["config"],
+        "data_index": plan["data_index"], "resumed_from": plan.get("resume"),
+        "versions": {"torch": torch.__version__, "ray": ray.__version__},
+    }
+    checkpointing.save_local(folder, accelerator.unwrap_model(model), optimizer, scheduler, blobs,
+                             state, metadata)
+    snapshot_s = time.time() - started
+    say(f"\n💾 Saved {name} locally in {snapshot_s:.2f}s; uploading "
+        f"{'in the background' if mode is CheckpointUploadMode.ASYNC else 'now'}")
+    ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder),
+                     checkpoint_dir_name=str(name), checkpoint_upload_mode=mode,
+                     delete_local_checkpoint_after_upload=True,
+                     checkpoint_upload_fn=_upload_fn(plan["run_uri"]))
+
+
+def _upload_fn(run_uri: str):
+    def upload(checkpoint: Checkpoint, dir_name: str) -> Checkpoint:
+        storage = ray.train.get_context().get_storage()
+        dest = Location(storage.storage_filesystem,
+                        storage.experiment_fs_path.rstrip("/") + "/" + dir_name,
+                        run_uri.rstrip("/") + "/" + dir_name)
+        started = time.time()
+        ckpt.upload(checkpoint.path, dest)
+        print(f"☁️  Uploaded {dir_name} to {dest.uri} in {time.time() - started:.2f}s", flush=True)
+        return Checkpoint(path=dest.path, filesystem=dest.fs)
+
+    return upload
+
+
+class _Audit:
+    """Optional audit trail (--audit-dir): per rank, one JSON line per trained batch and per
+    opened file, so exactly-once and skip-without-reading are proven from sample ids."""
+
+    def __init__(self, plan: dict, rank: int):
+        self.path = None
+        self._stream, self._seen = None, 0
+        folder = plan.get("audit_dir")
+        if folder:
+            os.makedirs(folder, exist_ok=True)
+            self.path = os.path.join(folder, f"rank{rank}.jsonl")
+
+    def _write(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def opened(self, state: TrainState, stream: RankStream) -> None:
+        if self.path is None:
+            return
+        if stream is not self._stream:
+            self._stream, self._seen = stream, 0
+        for path in stream.opened[self._seen:]:
+            self._write({"event": "open", "epoch": state.epoch, "file": path})
+        self._seen = len(stream.opened)
+
+    def trained(self, state: TrainState, ids: np.ndarray) -> None:
+        if self.path is not None:
+            self._write({"event": "batch", "step": state.step + 1, "epoch": state.epoch,
+                         "ids": [int(i) for i in ids]})
