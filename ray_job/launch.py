@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import os
 
-import ray
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+# Ray 2.60 clusters use token auth, and Ray reads RAY_AUTH_MODE when it is imported: a client
+# joining a `ray start` cluster on this machine needs it set first (the token is in ~/.ray).
+if (os.environ.get("RAY_ADDRESS") and "RAY_AUTH_MODE" not in os.environ
+        and os.path.exists(os.path.expanduser("~/.ray/auth_token"))):
+    os.environ["RAY_AUTH_MODE"] = "token"
+
+import ray  # noqa: E402
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig  # noqa: E402
 from ray.train.torch import TorchTrainer
 
 from configs.schema import Config

@@ -114,7 +114,8 @@ def check_no_overwrite(run: Location, choice: ResumeChoice | None) -> None:
             raise UserError(
                 f"--resume {choice.name}: run {run.uri} already has newer checkpoints "
                 f"({', '.join(str(e.name) for e in newer)}) that resuming here would overwrite; "
-                f"fork into a new run with --run-name NEW (keeps these), or --resume latest"
+                f"fork into a new run with --run-name NEW --resume {choice.loc.uri} (keeps these), "
+                "or --resume latest"
             )
 
 

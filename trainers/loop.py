@@ -35,7 +35,7 @@ def train_loop(plan: dict) -> None:
     cfg: Config = from_dict(Config, plan["config"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    say = print if rank == 0 else (lambda *a, **k: None)
+    say = _say if rank == 0 else (lambda *a, **k: None)
 
     # --- set up Accelerate, the model, the optimizer and the schedule -------------------
     accelerator = Accelerator(
@@ -78,15 +78,14 @@ def train_loop(plan: dict) -> None:
     audit.opened(state, stream)
     progress_initial = state.step
     bar = tqdm(total=max_steps, initial=state.step, desc="Training", unit="step",
-               disable=rank != 0, mininterval=1.0, dynamic_ncols=False, ascii=True)
+               disable=rank != 0, mininterval=1.0, dynamic_ncols=False, ascii=True,
+               file=sys.stdout)  # stdout keeps it in order with the log lines
 
     # --- for each step: train, log, validate, checkpoint ------------------------------------
     model.train()
     while state.step < max_steps:
-        if state.samples_in_epoch >= steps_per_epoch * G:  # epoch done: next order, cursor 0
+        if stream.plan is not epoch_plan:  # the last step ended an epoch: its files, cursor 0
             stream.close()
-            state.epoch, state.samples_in_epoch = state.epoch + 1, 0
-            epoch_plan = EpochPlan.make(index, cfg.data.shuffle_seed, state.epoch)
             stream = RankStream(data.fs, epoch_plan, G, world, rank, 0)
             batches = iter(stream)
         ids, tokens = next(batches)
@@ -97,6 +96,9 @@ def train_loop(plan: dict) -> None:
         scheduler.step()
         state.step += 1
         state.samples_in_epoch += G
+        if state.samples_in_epoch == steps_per_epoch * G:  # the checkpoint belongs to the next epoch
+            state.epoch, state.samples_in_epoch = state.epoch + 1, 0
+            epoch_plan = EpochPlan.make(index, cfg.data.shuffle_seed, state.epoch)
 
         mean_loss = accelerator.reduce(loss.detach().float(), "mean").item()
         state.best_loss = min(state.best_loss, mean_loss)
@@ -120,6 +122,12 @@ def train_loop(plan: dict) -> None:
     stream.close()
     say(f"🏁 Training finished at step {state.step}, epoch {state.epoch}; "
         f"best loss {state.best_loss:.4f}; progress started at step {progress_initial}")
+
+
+def _say(message: str) -> None:
+    # Not print(): Ray Train patches print to log *and* tee to stdout, so lines showed twice.
+    sys.stdout.write(message + "\n")
+    sys.stdout.flush()
 
 
 def _lr_lambda(cfg: Config):
@@ -236,10 +244,6 @@ def _save(plan, cfg, accelerator, model, optimizer, scheduler, state, epoch_plan
           progress_initial, rank, world, say) -> None:
     name = CheckpointName(epoch=state.epoch, step=state.step,
                           files=epoch_plan.files_done(state.samples_in_epoch))
-    if state.samples_in_epoch >= epoch_plan.steps(cfg.train.global_batch_size) * cfg.train.global_batch_size:
-        # The epoch is over: the checkpoint belongs to the start of the next one.
-        state.epoch, state.samples_in_epoch = state.epoch + 1, 0
-        name = CheckpointName(epoch=state.epoch, step=state.step, files=0)
     started = time.time()
     blob = checkpointing.capture_rng()
     blobs = [None] * world
@@ -286,7 +290,7 @@ def _upload_fn(run_uri: str):
                         run_uri.rstrip("/") + "/" + dir_name)
         started = time.time()
         ckpt.upload(checkpoint.path, dest)
-        print(f"☁️  Uploaded {dir_name} to {dest.uri} in {time.time() - started:.2f}s", flush=True)
+        _say(f"☁️  Uploaded {dir_name} to {dest.uri} in {time.time() - started:.2f}s")
         return Checkpoint(path=dest.path, filesystem=dest.fs)
 
     return upload
