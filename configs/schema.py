@@ -51,7 +51,7 @@ class DataConfig:
     """Prepared dataset only: samples per train file."""
     val_samples: int = 32
     """Prepared dataset only: samples in the validation file."""
-    row_group_size: int = 16
+    row_group_size: int = 10
     """Prepared dataset only: rows per parquet row group (the unit a resume reads from)."""
     shuffle_seed: int = 0
     """The order of files in epoch E is a permutation drawn from (shuffle_seed, E)."""

@@ -1,0 +1,57 @@
+"""Property 1: train 40 steps straight, or stop at 10 and 24 and resume twice: every per-step
+loss, every LR and the final weights and optimizer state are bitwise equal (same world size)."""
+
+import torch
+from safetensors.torch import load_file
+
+from conftest import read_json
+
+FINAL = "checkpoint-epoch1-step40-files4"
+
+
+def test_names_cover_mid_file_and_epoch_boundary(runs):
+    chain = sorted(p.name for p in (runs.storage / "chain").iterdir() if p.name.startswith("checkpoint-"))
+    assert chain == sorted([
+        "checkpoint-epoch0-step8-files2", "checkpoint-epoch0-step10-files2",  # stop: mid-file
+        "checkpoint-epoch0-step16-files4", "checkpoint-epoch1-step24-files0",  # stop: epoch end
+        "checkpoint-epoch1-step32-files2", FINAL,
+    ])
+    meta = read_json(runs.ckpt("chain", "checkpoint-epoch0-step10-files2") / "metadata.json")
+    assert meta["samples_in_epoch"] == 160 and 160 % 64 != 0 and (160 % 64) % 10 != 0  # mid-row-group
+
+
+def test_every_step_loss_and_lr_bitwise_equal(runs):
+    straight = read_json(runs.ckpt("straight", FINAL) / "training_metrics.json")
+    chain = read_json(runs.ckpt("chain", FINAL) / "training_metrics.json")
+    assert [s for s, _ in straight["loss_history"]] == list(range(1, 41))
+    assert chain["loss_history"] == straight["loss_history"]  # floats compared exactly
+    assert chain["lr_history"] == straight["lr_history"]
+    common = {s for s, _ in straight["val_history"]} & {s for s, _ in chain["val_history"]}
+    assert len(common) >= 4
+    assert [v for v in chain["val_history"] if v[0] in common] == \
+           [v for v in straight["val_history"] if v[0] in common]
+    assert [r[0] for r in chain["resumes"]] == [10, 24]
+
+
+def test_final_weights_and_optimizer_bitwise_equal(runs):
+    for name in ("checkpoint-epoch0-step16-files4", "checkpoint-epoch1-step24-files0", FINAL):
+        a = load_file(runs.ckpt("straight", name) / "model.safetensors")
+        b = load_file(runs.ckpt("chain", name) / "model.safetensors")
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), f"{name}: {k} differs"
+    oa = torch.load(runs.ckpt("straight", FINAL) / "optimizer.pt", weights_only=True)
+    ob = torch.load(runs.ckpt("chain", FINAL) / "optimizer.pt", weights_only=True)
+    assert oa["state"].keys() == ob["state"].keys()
+    for k in oa["state"]:
+        for field in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(oa["state"][k][field], ob["state"][k][field])
+
+
+def test_weights_actually_moved(runs):
+    """Guards the comparison above against a run that trained nothing."""
+    a = load_file(runs.ckpt("straight", "checkpoint-epoch0-step8-files2") / "model.safetensors")
+    b = load_file(runs.ckpt("straight", FINAL) / "model.safetensors")
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    losses = [v for _, v in read_json(runs.ckpt("straight", FINAL) / "training_metrics.json")["loss_history"]]
+    assert losses[-1] < losses[0]
