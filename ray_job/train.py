@@ -13,7 +13,7 @@ from ray_job.errors import UserError
 def prepare(argv: list[str] | None = None) -> tuple:
     """Everything that can fail because of user input, done before Ray starts."""
     from ray_job import data_prep, resume
-    from storage.location import resolve
+    from storage.location import StorageUnreachable, probe, resolve
     from trainers.data import DataIndex, build_index
 
     args = parser().parse_args(argv)
@@ -23,6 +23,11 @@ def prepare(argv: list[str] | None = None) -> tuple:
         data = resolve(cfg.data.path)
     except ValueError as e:
         raise UserError(f"--storage/data.path: {e}") from None
+    try:
+        probe(storage)
+        probe(data)
+    except StorageUnreachable as e:
+        raise UserError(f"--storage/data.path {e}") from None
     run = storage.child(cfg.run_name)
     # Workers run elsewhere (another cwd, another node): hand them absolute locations.
     cfg = with_overrides(cfg, {"data": {"path": data.uri}, "checkpoint": {"storage": storage.uri}})

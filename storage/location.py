@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import os
 import posixpath
+from datetime import timedelta
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
-GCS_RETRY_SECONDS = 10.0  # pyarrow retries GCS for 15 minutes by default: fail fast instead
+GCS_RETRY = timedelta(seconds=10)  # pyarrow retries GCS for 15 minutes by default: fail fast
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,7 @@ def join(base: str, *parts: str) -> str:
     return posixpath.join(base.rstrip("/"), *(p.strip("/") for p in parts)) if parts else base
 
 
-def gcs_filesystem() -> pafs.GcsFileSystem:
+def gcs_filesystem(retry: timedelta = GCS_RETRY) -> pafs.GcsFileSystem:
     """A GcsFileSystem honouring STORAGE_EMULATOR_HOST, the standard emulator variable."""
     emulator = os.environ.get("STORAGE_EMULATOR_HOST")
     if emulator:
@@ -43,9 +44,9 @@ def gcs_filesystem() -> pafs.GcsFileSystem:
             anonymous=True,
             endpoint_override=parsed.netloc,
             scheme=parsed.scheme or "http",
-            retry_time_limit=GCS_RETRY_SECONDS,
+            retry_time_limit=retry,
         )
-    return pafs.GcsFileSystem(retry_time_limit=GCS_RETRY_SECONDS)
+    return pafs.GcsFileSystem(retry_time_limit=retry)
 
 
 def resolve(uri_or_path: str) -> Location:
@@ -61,3 +62,41 @@ def resolve(uri_or_path: str) -> Location:
         )
     path = os.path.abspath(os.path.expanduser(uri_or_path))
     return Location(pafs.LocalFileSystem(), path, path)
+
+
+class StorageUnreachable(Exception):
+    """The storage cannot be used: no bucket, no credentials, no answer. Message is for people."""
+
+
+def probe(loc: Location, timeout: float = 8.0) -> None:
+    """Fail in seconds, not after minutes of retries, when loc cannot be reached.
+
+    Locally nothing is checked (a missing folder is created on first write). On GCS the bucket
+    must exist and answer within timeout: a fresh filesystem with a short retry window, in a
+    thread, so that a server that accepts and never answers cannot hang the caller.
+    """
+    if not loc.is_remote:
+        return
+    import concurrent.futures
+
+    bucket = loc.path.split("/", 1)[0]
+    hint = ("check STORAGE_EMULATOR_HOST" if os.environ.get("STORAGE_EMULATOR_HOST")
+            else "check the bucket name and the machine's credentials (gcloud auth "
+                 "application-default login, or the node's service account)")
+
+    def look() -> pafs.FileInfo:
+        fs = gcs_filesystem(retry=timedelta(seconds=max(1.0, timeout - 3)))
+        return fs.get_file_info(bucket)
+
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    try:
+        info = pool.submit(look).result(timeout=timeout)
+    except concurrent.futures.TimeoutError:
+        raise StorageUnreachable(f"{loc.uri}: GCS did not answer within {timeout:.0f}s; {hint}") from None
+    except Exception as e:  # pyarrow raises OSError with the HTTP status inside
+        first = str(e).splitlines()[0][:200]
+        raise StorageUnreachable(f"{loc.uri}: cannot reach bucket '{bucket}' ({first}); {hint}") from None
+    finally:
+        pool.shutdown(wait=False)
+    if info.type == pafs.FileType.NotFound:
+        raise StorageUnreachable(f"{loc.uri}: bucket '{bucket}' does not exist; {hint}")

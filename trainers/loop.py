@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -237,6 +238,7 @@ def _restore(source, plan, model, optimizer, scheduler, rank, world, say) -> Tra
     say(f"✅ Loaded training metrics ({len(state.loss_history)} loss, {len(state.lr_history)} LR, "
         f"{len(state.val_history)} validation entries)")
     say(f"   Checkpoint verified and loaded in {time.time() - started:.2f}s")
+    shutil.rmtree(scratch, ignore_errors=True)  # a downloaded copy; a local checkpoint stays put
     return state
 
 
@@ -269,6 +271,8 @@ def _save(plan, cfg, accelerator, model, optimizer, scheduler, state, epoch_plan
         "created_at": ckpt.now_iso(), "files_processed": name.files, "world_size": world,
         "global_batch_size": cfg.train.global_batch_size, "config": plan["config"],
         "data_index": plan["data_index"], "resumed_from": plan.get("resume"),
+        "train_loss": metrics["loss"], "val_loss": (state.val_history[-1][1] if state.val_history
+                                                   and state.val_history[-1][0] == state.step else None),
         "versions": {"torch": torch.__version__, "ray": ray.__version__},
     }
     checkpointing.save_local(folder, accelerator.unwrap_model(model), optimizer, scheduler, blobs,

@@ -1,0 +1,189 @@
+"""`python -m ray_job.checkpoints list|show|plot`: see what a run has, locally or on gs://.
+
+    list  --storage S --run-name R [--json]     a table, newest last, with status
+    show  NAME --storage S --run-name R [--json] one checkpoint's metadata and metrics
+    plot  --storage S --run-name R [--out F.png] loss, LR and validation curves, resumes marked
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from ray_job.errors import UserError
+from storage import checkpoint as ckpt
+from storage.location import Location, StorageUnreachable, join, probe, resolve
+from storage.names import CheckpointName
+
+
+def _run(args) -> Location:
+    try:
+        storage = resolve(args.storage)
+    except ValueError as e:
+        raise UserError(f"--storage {args.storage}: {e}") from None
+    try:
+        probe(storage)
+    except StorageUnreachable as e:
+        raise UserError(f"--storage {e}") from None
+    return storage.child(args.run_name)
+
+
+def rows(run: Location) -> list[dict]:
+    out = []
+    for entry in ckpt.list_checkpoints(run):
+        result = ckpt.check(entry.loc)
+        meta = result.metadata
+        out.append({
+            "name": str(entry.name), "step": entry.name.step, "epoch": entry.name.epoch,
+            "files": entry.name.files, "train_loss": meta.get("train_loss"),
+            "val_loss": meta.get("val_loss"),
+            "size": sum(f["size"] for f in meta.get("files", {}).values()) or None,
+            "created_at": meta.get("created_at"), "status": result.status.value,
+            "reason": result.reason, "uri": entry.loc.uri,
+        })
+    return out
+
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _size(n) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1024
+
+
+def cmd_list(args) -> int:
+    run = _run(args)
+    table = rows(run)
+    if args.json:
+        print(json.dumps(table, indent=2))
+        return 0
+    if not table:
+        print(f"No checkpoints in {run.uri}")
+        return 0
+    header = f"{'name':<40} {'step':>7} {'epoch':>5} {'files':>5} {'train':>8} {'val':>8} {'size':>8}  {'created':<20} status"
+    print(header)
+    for r in table:
+        print(f"{r['name']:<40} {r['step']:>7} {r['epoch']:>5} {r['files']:>5} "
+              f"{_fmt(r['train_loss'], '.4f'):>8} {_fmt(r['val_loss'], '.4f'):>8} {_size(r['size']):>8}  "
+              f"{r['created_at'] or '-':<20} {r['status']}{' (' + r['reason'] + ')' if r['reason'] else ''}")
+    return 0
+
+
+def cmd_show(args) -> int:
+    run = _run(args)
+    try:
+        CheckpointName.parse(args.name)
+    except ValueError as e:
+        raise UserError(f"show {e}") from None
+    loc = run.child(args.name)
+    result = ckpt.check(loc, verify_hashes=args.verify)
+    if not result.metadata and result.status is ckpt.Status.INCOMPLETE:
+        names = ", ".join(str(e.name) for e in ckpt.list_checkpoints(run)) or "none"
+        raise UserError(f"No files found for checkpoint {args.name} in {run.uri} "
+                        f"(or it has no metadata.json). Checkpoints there: {names}")
+    metrics = {}
+    try:
+        with loc.fs.open_input_stream(join(loc.path, ckpt.METRICS)) as f:
+            metrics = json.loads(f.read())
+    except (OSError, ValueError):
+        pass
+    report = {"name": args.name, "uri": loc.uri, "status": result.status.value,
+              "reason": result.reason, "metadata": result.metadata, "metrics": metrics}
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    meta = result.metadata
+    print(f"{args.name}  [{result.status.value}{': ' + result.reason if result.reason else ''}]")
+    print(f"  uri:            {loc.uri}")
+    for key in ("step", "epoch", "files_processed", "samples_in_epoch", "best_loss", "best_val_loss",
+                "train_loss", "val_loss", "world_size", "global_batch_size", "created_at", "run_name"):
+        if key in meta:
+            print(f"  {key + ':':<20}{meta[key]}")
+    if meta.get("resumed_from"):
+        print(f"  resumed_from:   {meta['resumed_from']['name']}")
+    for rel, info in sorted(meta.get("files", {}).items()):
+        print(f"  {rel:<28} {_size(info['size']):>8}  sha256 {info['sha256'][:16]}...")
+    if metrics:
+        print(f"  history: {len(metrics.get('loss_history', []))} loss, {len(metrics.get('lr_history', []))} LR, "
+              f"{len(metrics.get('val_history', []))} validation entries; resumes at "
+              f"{[r[0] for r in metrics.get('resumes', [])] or 'none'}")
+    return 0
+
+
+def cmd_plot(args) -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run = _run(args)
+    complete = [r for r in rows(run) if r["status"] == "complete"]
+    if not complete:
+        raise UserError(f"plot: no complete checkpoint in {run.uri} to read training_metrics.json from")
+    newest = run.child(complete[-1]["name"])
+    with newest.fs.open_input_stream(join(newest.path, ckpt.METRICS)) as f:
+        metrics = json.loads(f.read())
+    fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(10, 7), sharex=True,
+                                         gridspec_kw={"height_ratios": [3, 1.4]})
+    loss = metrics.get("loss_history", [])
+    val = metrics.get("val_history", [])
+    lr = metrics.get("lr_history", [])
+    if loss:
+        ax_loss.plot(*zip(*loss), color="#1f77b4", lw=1.2, label="train loss")
+    if val:
+        ax_loss.plot(*zip(*val), "o-", color="#d62728", lw=1.5, ms=4, label="validation loss")
+    if lr:
+        ax_lr.plot(*zip(*lr), color="#2ca02c", lw=1.2)
+    for i, (step, name) in enumerate(metrics.get("resumes", [])):
+        for ax in (ax_loss, ax_lr):
+            ax.axvline(step, color="#7f7f7f", ls="--", lw=1, label="resumed" if ax is ax_loss and i == 0 else None)
+        ax_loss.annotate(f"resumed\n{name.replace('checkpoint-', '')}", (step, 0), xycoords=("data", "axes fraction"),
+                         xytext=(3, 4), textcoords="offset points", va="bottom", fontsize=7, color="#555555")
+    for r in complete:
+        ax_loss.axvline(r["step"], color="#bbbbbb", lw=0.5, zorder=0)
+    ax_loss.set_ylabel("loss")
+    ax_loss.set_title(f"{args.run_name}: {complete[-1]['name']}  ({len(complete)} checkpoints, grey lines)")
+    ax_loss.legend(loc="upper right")
+    ax_loss.grid(alpha=0.3)
+    ax_lr.set_ylabel("learning rate")
+    ax_lr.set_xlabel("step")
+    ax_lr.grid(alpha=0.3)
+    fig.tight_layout()
+    out = args.out or f"{args.run_name}-curves.png"
+    fig.savefig(out, dpi=120)
+    print(f"Wrote {os.path.abspath(out)}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m ray_job.checkpoints")
+    sub = p.add_subparsers(dest="command", required=True)
+    for name in ("list", "show", "plot"):
+        s = sub.add_parser(name)
+        s.add_argument("--storage", default="./runs", help="local folder or gs://bucket/prefix")
+        s.add_argument("--run-name", default="test")
+        if name == "show":
+            s.add_argument("name")
+            s.add_argument("--verify", action="store_true", help="check every file's sha256 too")
+        if name in ("list", "show"):
+            s.add_argument("--json", action="store_true")
+        if name == "plot":
+            s.add_argument("--out", help="PNG file to write (default RUN-curves.png)")
+    args = p.parse_args(argv)
+    try:
+        return {"list": cmd_list, "show": cmd_show, "plot": cmd_plot}[args.command](args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
