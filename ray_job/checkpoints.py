@@ -30,10 +30,11 @@ def _run(args) -> Location:
     return storage.child(args.run_name)
 
 
-def rows(run: Location) -> list[dict]:
+def rows(run: Location, verify: bool = False) -> list[dict]:
+    """On GCS hashes are always checked (the server's MD5s: one listing, no download)."""
     out = []
     for entry in ckpt.list_checkpoints(run):
-        result = ckpt.check(entry.loc)
+        result = ckpt.check(entry.loc, verify_hashes=verify or run.is_remote)
         meta = result.metadata
         out.append({
             "name": str(entry.name), "step": entry.name.step, "epoch": entry.name.epoch,
@@ -61,7 +62,7 @@ def _size(n) -> str:
 
 def cmd_list(args) -> int:
     run = _run(args)
-    table = rows(run)
+    table = rows(run, verify=args.verify)
     if args.json:
         print(json.dumps(table, indent=2))
         return 0
@@ -84,7 +85,7 @@ def cmd_show(args) -> int:
     except ValueError as e:
         raise UserError(f"show {e}") from None
     loc = run.child(args.name)
-    result = ckpt.check(loc, verify_hashes=args.verify)
+    result = ckpt.check(loc, verify_hashes=args.verify or loc.is_remote)
     if not result.metadata and result.status is ckpt.Status.INCOMPLETE:
         names = ", ".join(str(e.name) for e in ckpt.list_checkpoints(run)) or "none"
         raise UserError(f"No files found for checkpoint {args.name} in {run.uri} "
@@ -172,7 +173,9 @@ def main(argv: list[str] | None = None) -> int:
         s.add_argument("--run-name", default="test")
         if name == "show":
             s.add_argument("name")
-            s.add_argument("--verify", action="store_true", help="check every file's sha256 too")
+        if name in ("list", "show"):
+            s.add_argument("--verify", action="store_true",
+                           help="check every file's hash too (always done on gs://)")
         if name in ("list", "show"):
             s.add_argument("--json", action="store_true")
         if name == "plot":

@@ -26,6 +26,8 @@ def init_ray(cfg: Config) -> None:
     if ray.is_initialized():
         return
     env = {"PYTHONPATH": os.pathsep.join(filter(None, [REPO_ROOT, os.environ.get("PYTHONPATH")]))}
+    if os.environ.get("STORAGE_EMULATOR_HOST"):  # workers must see the same GCS as the driver
+        env["STORAGE_EMULATOR_HOST"] = os.environ["STORAGE_EMULATOR_HOST"]
     if os.environ.get("RAY_ADDRESS"):
         ray.init(runtime_env=None if os.environ.get("RAY_JOB_ID") else {"env_vars": env},
                  log_to_driver=True)

@@ -9,6 +9,7 @@ the checkpoint with its size and sha256, and every listed file is there with tha
 
 from __future__ import annotations
 
+import base64
 import enum
 import hashlib
 import json
@@ -20,6 +21,7 @@ from typing import Callable
 
 import pyarrow.fs as pafs
 
+from storage import gcs
 from storage.location import Location, join
 from storage.names import CheckpointName
 
@@ -65,6 +67,20 @@ def sha256_file(path: str) -> str:
     return digest.hexdigest()
 
 
+def _digests(path: str) -> dict:
+    """sha256 (what we verify on load) and base64 MD5 (what GCS reports for every object)."""
+    sha, md5 = hashlib.sha256(), hashlib.md5()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            sha.update(chunk)
+            md5.update(chunk)
+    return {"sha256": sha.hexdigest(), "md5": base64.b64encode(md5.digest()).decode()}
+
+
+def _is_gcs(fs: pafs.FileSystem) -> bool:
+    return fs.type_name == "gcs"
+
+
 def write_metadata(local_dir: str, metadata: dict) -> dict:
     """Add the manifest of every file in local_dir to metadata and write metadata.json last."""
     files = {}
@@ -74,7 +90,7 @@ def write_metadata(local_dir: str, metadata: dict) -> dict:
             rel = os.path.relpath(full, local_dir).replace(os.sep, "/")
             if rel == METADATA or rel.endswith(".tmp"):
                 continue
-            files[rel] = {"size": os.path.getsize(full), "sha256": sha256_file(full)}
+            files[rel] = {"size": os.path.getsize(full), **_digests(full)}
     metadata = {**metadata, "format_version": FORMAT_VERSION, "files": files}
     tmp = os.path.join(local_dir, METADATA + ".tmp")
     with open(tmp, "w") as f:
@@ -119,6 +135,7 @@ def check(loc: Location, verify_hashes: bool = False) -> CheckResult:
     for info in loc.fs.get_file_info(selector):
         if info.type == pafs.FileType.File:
             infos[info.path[len(loc.path.rstrip("/")) + 1:]] = info
+    remote_md5 = gcs.md5s(loc.path) if verify_hashes and _is_gcs(loc.fs) else None
     for rel, expected in sorted(manifest.items()):
         info = infos.get(rel)
         if info is None:
@@ -129,7 +146,13 @@ def check(loc: Location, verify_hashes: bool = False) -> CheckResult:
                 f"{rel} has {info.size} bytes, metadata.json says {expected['size']}",
                 metadata,
             )
-        if verify_hashes:
+        if remote_md5 is not None and expected.get("md5"):  # verified without a download
+            if remote_md5.get(rel) != expected["md5"]:
+                return CheckResult(
+                    Status.CORRUPT, f"{rel} md5 {remote_md5.get(rel)} != {expected['md5']} in metadata.json",
+                    metadata,
+                )
+        elif verify_hashes:
             actual = _sha256_remote(loc.fs, join(loc.path, rel))
             if actual != expected["sha256"]:
                 return CheckResult(
@@ -165,8 +188,10 @@ def list_checkpoints(run: Location) -> list[Entry]:
 
 
 def latest_complete(run: Location) -> Entry | None:
+    """The highest-step checkpoint that is whole, hashes included (MD5 from the server on GCS,
+    sha256 locally): a corrupt newest checkpoint is skipped, never chosen."""
     for entry in reversed(list_checkpoints(run)):
-        if check(entry.loc).ok:
+        if check(entry.loc, verify_hashes=True).ok:
             return entry
     return None
 
@@ -184,24 +209,37 @@ def upload(local_dir: str, dest: Location) -> None:
     for root, _, names in os.walk(local_dir):
         for name in names:
             rels.append(os.path.relpath(os.path.join(root, name), local_dir).replace(os.sep, "/"))
-    for rel in sorted(r for r in rels if r != METADATA) + [METADATA]:
+    for rel in sorted(r for r in rels if r != METADATA):
         with open(os.path.join(local_dir, rel), "rb") as src, dest.fs.open_output_stream(
             join(dest.path, rel)
         ) as out:
             while chunk := src.read(_CHUNK):
                 out.write(chunk)
+    # The commit marker, last. On GCS create-only: of two writers of one name, one loses loudly.
+    with open(os.path.join(local_dir, METADATA), "rb") as f:
+        commit = f.read()
+    if _is_gcs(dest.fs):
+        try:
+            gcs.write_create_only(join(dest.path, METADATA), commit)
+        except FileExistsError:
+            raise CheckpointError(f"refusing to overwrite the existing checkpoint {dest.uri}") from None
+    else:
+        tmp = join(dest.path, METADATA + ".tmp")
+        with dest.fs.open_output_stream(tmp) as out:
+            out.write(commit)
+        dest.fs.move(tmp, join(dest.path, METADATA))  # a rename: atomic on a local disk
 
 
-def fetch(loc: Location, scratch_dir: str, on_file: Callable[[str], None] | None = None) -> str:
-    """Make the checkpoint readable on local disk, verifying every file's size and sha256.
+def fetch(loc: Location, scratch_dir: str, wanted: Callable[[str], bool] = lambda rel: True) -> str:
+    """Make the checkpoint readable on local disk, verifying each wanted file's size and sha256.
 
-    A local checkpoint is verified in place; a remote one is downloaded to scratch_dir.
-    Returns the local folder. Raises CheckpointError naming the bad file.
+    A local checkpoint is verified in place; of a remote one only the wanted files are
+    downloaded, to scratch_dir. Returns the local folder. Raises CheckpointError naming the file.
     """
     result = check(loc)
     if not result.ok:
         raise CheckpointError(f"checkpoint {loc.uri} is {result.status.value}: {result.reason}")
-    manifest = result.metadata["files"]
+    manifest = {rel: v for rel, v in result.metadata["files"].items() if wanted(rel)}
     if isinstance(loc.fs, pafs.LocalFileSystem):
         local = loc.path
     else:
@@ -212,8 +250,6 @@ def fetch(loc: Location, scratch_dir: str, on_file: Callable[[str], None] | None
             os.makedirs(os.path.dirname(target), exist_ok=True)
             with loc.fs.open_input_stream(join(loc.path, rel)) as src, open(target, "wb") as out:
                 shutil.copyfileobj(src, out, _CHUNK)
-            if on_file:
-                on_file(rel)
     for rel, expected in sorted(manifest.items()):
         actual = sha256_file(os.path.join(local, rel))
         if actual != expected["sha256"]:

@@ -68,7 +68,7 @@ class StorageUnreachable(Exception):
     """The storage cannot be used: no bucket, no credentials, no answer. Message is for people."""
 
 
-def probe(loc: Location, timeout: float = 8.0) -> None:
+def probe(loc: Location, timeout: float = 6.0) -> None:
     """Fail in seconds, not after minutes of retries, when loc cannot be reached.
 
     Locally nothing is checked (a missing folder is created on first write). On GCS the bucket
@@ -85,7 +85,7 @@ def probe(loc: Location, timeout: float = 8.0) -> None:
                  "application-default login, or the node's service account)")
 
     def look() -> pafs.FileInfo:
-        fs = gcs_filesystem(retry=timedelta(seconds=max(1.0, timeout - 3)))
+        fs = gcs_filesystem(retry=timedelta(seconds=max(1.0, timeout / 2)))
         return fs.get_file_info(bucket)
 
     pool = concurrent.futures.ThreadPoolExecutor(1)

@@ -215,7 +215,9 @@ def _restore(source, plan, model, optimizer, scheduler, rank, world, say) -> Tra
     if loc.is_remote:
         say("📥 Downloading checkpoint from GCS...")
     scratch = tempfile.mkdtemp(prefix="resume-")
-    folder = ckpt.fetch(loc, scratch)
+    # Each rank downloads what it loads: everything but the other ranks' RNG states.
+    folder = ckpt.fetch(loc, scratch, wanted=lambda rel: not rel.startswith("rng_state_rank")
+                        or rel == ckpt.rng_file(rank))
     metadata = checkpointing.load_metadata(folder)
     checkpointing.load_model(folder, model)
     checkpointing.load_optimizer(folder, optimizer)

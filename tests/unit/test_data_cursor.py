@@ -319,3 +319,32 @@ def test_read_all_reads_every_row_in_file_order(tmp_path):
     assert ids.tolist() == expected
     assert toks.shape == (len(expected), TOKEN_LEN)
     assert [bytes(r) for r in toks] == [tokens_for(x) for x in expected]
+
+
+def test_stream_keeps_at_most_one_file_open_and_close_releases_it(dataset, monkeypatch):
+    loc, index = dataset
+    live = []
+    orig_init, orig_close = data_mod._File.__init__, data_mod._File.close
+
+    def init(self, fs, path):
+        orig_init(self, fs, path)
+        live.append(self)
+
+    def close(self):
+        live.remove(self)
+        orig_close(self)
+
+    monkeypatch.setattr(data_mod._File, "__init__", init)
+    monkeypatch.setattr(data_mod._File, "close", close)
+    plan = EpochPlan.make(index, 1, 0)
+    for world in WORLDS:
+        for rank in range(world):
+            stream = RankStream(loc.fs, plan, 12, world, rank, 24)
+            batches = 0
+            for _ in stream:
+                batches += 1
+                assert len(live) == 1  # the order only moves forward: finished files are closed
+            stream.close()
+            assert batches == plan.steps(12) - 2
+            assert live == []
+            assert len(stream.opened) >= 2

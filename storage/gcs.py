@@ -1,0 +1,44 @@
+"""What pyarrow's GcsFileSystem lacks, through google-cloud-storage: create-only writes
+(if_generation_match=0, so a checkpoint's commit marker can never be replaced) and the
+server-side MD5 of every object (so a checkpoint is verified without downloading it)."""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+
+
+@lru_cache(maxsize=1)
+def client():
+    from google.cloud import storage
+
+    if os.environ.get("STORAGE_EMULATOR_HOST"):
+        from google.auth.credentials import AnonymousCredentials
+
+        return storage.Client(project="emulator", credentials=AnonymousCredentials())
+    return storage.Client()
+
+
+def _split(path: str) -> tuple[str, str]:
+    bucket, _, key = path.partition("/")
+    return bucket, key
+
+
+def write_create_only(path: str, data: bytes) -> None:
+    """Write bucket/key only if no object is there; FileExistsError otherwise."""
+    from google.api_core.exceptions import PreconditionFailed
+
+    bucket, key = _split(path)
+    try:
+        client().bucket(bucket).blob(key).upload_from_string(data, if_generation_match=0)
+    except PreconditionFailed:
+        raise FileExistsError(f"gs://{path} already exists") from None
+
+
+def md5s(prefix_path: str) -> dict[str, str]:
+    """{path relative to prefix: base64 MD5} for every object under bucket/prefix/."""
+    bucket, prefix = _split(prefix_path.rstrip("/") + "/")
+    out = {}
+    for blob in client().list_blobs(bucket, prefix=prefix):
+        out[blob.name[len(prefix):]] = blob.md5_hash
+    return out
