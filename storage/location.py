@@ -77,7 +77,7 @@ def probe(loc: Location, timeout: float = 6.0) -> None:
     """
     if not loc.is_remote:
         return
-    import concurrent.futures
+    import threading
 
     bucket = loc.path.split("/", 1)[0]
     hint = ("check STORAGE_EMULATOR_HOST" if os.environ.get("STORAGE_EMULATOR_HOST")
@@ -85,18 +85,42 @@ def probe(loc: Location, timeout: float = 6.0) -> None:
                  "application-default login, or the node's service account)")
 
     def look() -> pafs.FileInfo:
+        if not os.environ.get("STORAGE_EMULATOR_HOST"):
+            _require_credentials()  # before any request: no credentials must not cost a timeout
         fs = gcs_filesystem(retry=timedelta(seconds=max(1.0, timeout / 2)))
         return fs.get_file_info(bucket)
 
-    pool = concurrent.futures.ThreadPoolExecutor(1)
-    try:
-        info = pool.submit(look).result(timeout=timeout)
-    except concurrent.futures.TimeoutError:
-        raise StorageUnreachable(f"{loc.uri}: GCS did not answer within {timeout:.0f}s; {hint}") from None
-    except Exception as e:  # pyarrow raises OSError with the HTTP status inside
-        first = str(e).splitlines()[0][:200]
-        raise StorageUnreachable(f"{loc.uri}: cannot reach bucket '{bucket}' ({first}); {hint}") from None
-    finally:
-        pool.shutdown(wait=False)
+    # A daemon thread, not an executor: a request stuck in a silent socket must not keep the
+    # process alive at exit (executor threads are joined then).
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["info"] = look()
+        except BaseException as e:  # handed to the caller below
+            outcome["error"] = e
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if worker.is_alive():
+        raise StorageUnreachable(f"{loc.uri}: GCS did not answer within {timeout:.0f}s; {hint}")
+    error = outcome.get("error")
+    if isinstance(error, StorageUnreachable):
+        raise StorageUnreachable(f"{loc.uri}: {error}; {hint}")
+    if error is not None:  # pyarrow raises OSError with the HTTP status inside
+        first = str(error).splitlines()[0][:200]
+        raise StorageUnreachable(f"{loc.uri}: cannot reach bucket '{bucket}' ({first}); {hint}")
+    info = outcome["info"]
     if info.type == pafs.FileType.NotFound:
         raise StorageUnreachable(f"{loc.uri}: bucket '{bucket}' does not exist; {hint}")
+
+
+def _require_credentials() -> None:
+    import google.auth
+    from google.auth.exceptions import DefaultCredentialsError
+
+    try:
+        google.auth.default()
+    except DefaultCredentialsError:
+        raise StorageUnreachable("no Google Cloud credentials found") from None

@@ -1,5 +1,6 @@
 """storage.checkpoint on a local folder (and a pyarrow SubTreeFileSystem standing in for a bucket)."""
 
+import base64
 import hashlib
 import json
 import os
@@ -40,6 +41,10 @@ def put_checkpoint(run_dir, name, files=FILES):
     return make_local(os.path.join(run_dir, name), files, {"step": 1})
 
 
+def md5_b64(data):
+    return base64.b64encode(hashlib.md5(data).digest()).decode()
+
+
 def flip_byte(path, offset=0):
     with open(path, "r+b") as f:
         f.seek(offset)
@@ -65,6 +70,7 @@ def test_write_metadata_manifest_lists_every_file_with_size_and_sha(tmp_path):
     for rel, data in FILES.items():
         assert manifest[rel]["size"] == len(data)
         assert manifest[rel]["sha256"] == hashlib.sha256(data).hexdigest()
+        assert manifest[rel]["md5"] == md5_b64(data)  # what GCS reports for an object
     assert not os.path.exists(folder / "metadata.json.tmp")
 
 
@@ -75,7 +81,8 @@ def test_write_metadata_again_replaces_manifest(tmp_path):
         f.write(b"late file")
     meta = ckpt.write_metadata(str(folder), {"step": 9})
     assert meta["step"] == 9
-    assert meta["files"]["late.bin"] == {"size": 9, "sha256": hashlib.sha256(b"late file").hexdigest()}
+    assert meta["files"]["late.bin"]["size"] == 9
+    assert meta["files"]["late.bin"]["sha256"] == hashlib.sha256(b"late file").hexdigest()
     assert "metadata.json" not in meta["files"]
 
 
@@ -88,7 +95,8 @@ def test_sha256_file_matches_hashlib(tmp_path):
 # --- upload ----------------------------------------------------------------------------------
 
 class RecordingFS:
-    """Delegates to a real filesystem and records the order in which files are written."""
+    """Delegates to a real filesystem and records, in order, every path a file appears at
+    (written directly, or the target of a move)."""
 
     def __init__(self, inner):
         self.inner = inner
@@ -97,6 +105,10 @@ class RecordingFS:
     def open_output_stream(self, path, *args, **kwargs):
         self.written.append(path)
         return self.inner.open_output_stream(path, *args, **kwargs)
+
+    def move(self, src, dest):
+        self.written.append(dest)
+        return self.inner.move(src, dest)
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
@@ -109,8 +121,10 @@ def test_upload_copies_every_file_and_metadata_last(tmp_path):
     recording = RecordingFS(dest.fs)
     ckpt.upload(str(local), Location(recording, dest.path, dest.uri))
     rels = [p[len(dest.path) + 1:] for p in recording.written]
-    assert rels[-1] == "metadata.json"
-    assert sorted(rels[:-1]) == sorted(FLAT)
+    assert rels[-1] == "metadata.json"  # the commit marker appears last
+    assert rels.count("metadata.json") == 1
+    assert sorted(r for r in rels if not r.startswith("metadata.json")) == sorted(FLAT)
+    assert not (tmp_path / "run" / "checkpoint-epoch0-step8-files2" / "metadata.json.tmp").exists()
     for rel, data in FLAT.items():
         assert (tmp_path / "run" / "checkpoint-epoch0-step8-files2" / rel).read_bytes() == data
     assert json.loads((tmp_path / "run" / "checkpoint-epoch0-step8-files2" / "metadata.json").read_text()) == meta
@@ -159,8 +173,37 @@ def test_upload_to_a_non_local_filesystem(tmp_path):
     assert ckpt.check(dest, verify_hashes=True).ok
 
 
+def test_upload_commit_on_gcs_is_create_only_and_last(tmp_path, monkeypatch):
+    """The GCS branch, with the create-only write faked: metadata.json goes last, through it."""
+    local = tmp_path / "local"
+    make_local(local, FLAT)
+    dest = resolve(str(tmp_path / "run")).child("checkpoint-epoch0-step8-files2")
+    events = []
+    recording = RecordingFS(dest.fs)
+    monkeypatch.setattr(ckpt, "_is_gcs", lambda fs: True)
+
+    def create_only(path, data):
+        events.append((path, data, list(recording.written)))
+
+    monkeypatch.setattr(ckpt.gcs, "write_create_only", create_only)
+    ckpt.upload(str(local), Location(recording, dest.path, dest.uri))
+    assert len(events) == 1
+    path, data, written_before = events[0]
+    assert path == dest.path + "/metadata.json"
+    assert data == (local / "metadata.json").read_bytes()
+    assert sorted(p[len(dest.path) + 1:] for p in written_before) == sorted(FLAT)
+    assert not any("metadata.json" in p for p in recording.written)
+
+    def lost_race(path, data):
+        raise FileExistsError(path)
+
+    monkeypatch.setattr(ckpt.gcs, "write_create_only", lost_race)
+    with pytest.raises(CheckpointError, match="refusing to overwrite"):
+        ckpt.upload(str(local), resolve(str(tmp_path / "run2")))
+
+
 @pytest.mark.xfail(strict=True, raises=FileNotFoundError, reason=(
-    "BUG (latent) storage/checkpoint.py:182-191: upload() creates only dest.path, not the parent "
+    "BUG (latent) storage/checkpoint.py:207-216 (upload): upload() creates only dest.path, not the parent "
     "folders of nested files, so a checkpoint with a subfolder cannot be uploaded to local "
     "storage (pyarrow LocalFileSystem.open_output_stream needs the folder). write_metadata, "
     "check and fetch all support nested paths; today's checkpoints are flat, so it is latent."))
@@ -249,7 +292,7 @@ def test_check_unreadable_metadata_is_corrupt(complete, content):
 
 
 @pytest.mark.xfail(strict=True, raises=(AttributeError, TypeError, KeyError), reason=(
-    "BUG storage/checkpoint.py:112-126: check() promises 'Never raises for a bad checkpoint', but "
+    "BUG storage/checkpoint.py:128-146 (check): check() promises 'Never raises for a bad checkpoint', but "
     "only the metadata['files'] lookup is inside the try; a metadata.json that is valid JSON with "
     "a malformed manifest ('files' a list, or an entry without 'size') raises AttributeError / "
     "TypeError / KeyError from the loop, so latest_complete() and `--resume latest` crash instead "
@@ -259,6 +302,55 @@ def test_check_malformed_manifest_is_corrupt_not_an_exception(complete, manifest
     folder, loc = complete
     (folder / "metadata.json").write_text(json.dumps({"files": manifest}))
     assert ckpt.check(loc).status is Status.CORRUPT
+
+
+def fake_gcs_md5s(root):
+    def md5s(prefix_path):
+        folder = os.path.join(root, prefix_path)
+        out = {}
+        for dirpath, _, names in os.walk(folder):
+            for n in names:
+                full = os.path.join(dirpath, n)
+                with open(full, "rb") as f:
+                    out[os.path.relpath(full, folder).replace(os.sep, "/")] = md5_b64(f.read())
+        return out
+    return md5s
+
+
+def test_check_verifies_server_md5_on_gcs_without_reading(tmp_path, monkeypatch):
+    """On GCS, verify_hashes compares the server's MD5s to the manifest (faked here)."""
+    run = tmp_path / "run"
+    put_checkpoint(run, "checkpoint-epoch0-step8-files2")
+    loc = resolve(str(run / "checkpoint-epoch0-step8-files2"))
+    monkeypatch.setattr(ckpt, "_is_gcs", lambda fs: True)
+    monkeypatch.setattr(ckpt.gcs, "md5s", lambda prefix: fake_gcs_md5s("/")(prefix))
+
+    def no_download(*a, **k):
+        raise AssertionError("downloaded a file to hash it")
+
+    monkeypatch.setattr(ckpt, "_sha256_remote", no_download)
+    assert ckpt.check(loc, verify_hashes=True).ok
+    flip_byte(run / "checkpoint-epoch0-step8-files2" / "optimizer.pt", 7)
+    result = ckpt.check(loc, verify_hashes=True)
+    assert result.status is Status.CORRUPT and "optimizer.pt" in result.reason and "md5" in result.reason
+    assert ckpt.check(loc, verify_hashes=False).ok
+
+
+def test_check_on_gcs_falls_back_to_sha256_for_a_manifest_without_md5(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    put_checkpoint(run, "checkpoint-epoch0-step8-files2")
+    folder = run / "checkpoint-epoch0-step8-files2"
+    meta = json.loads((folder / "metadata.json").read_text())
+    for entry in meta["files"].values():
+        del entry["md5"]  # a checkpoint written before MD5s were recorded
+    (folder / "metadata.json").write_text(json.dumps(meta))
+    loc = resolve(str(folder))
+    monkeypatch.setattr(ckpt, "_is_gcs", lambda fs: True)
+    monkeypatch.setattr(ckpt.gcs, "md5s", lambda prefix: {})
+    assert ckpt.check(loc, verify_hashes=True).ok
+    flip_byte(folder / "model.safetensors", 5)
+    result = ckpt.check(loc, verify_hashes=True)
+    assert result.status is Status.CORRUPT and "model.safetensors" in result.reason and "sha256" in result.reason
 
 
 def test_check_on_a_non_local_filesystem(tmp_path):
@@ -323,6 +415,16 @@ def test_latest_complete_skips_newer_incomplete_and_size_corrupt(tmp_path):
     assert ckpt.latest_complete(run) is None
 
 
+def test_latest_complete_skips_a_newer_hash_corrupt_checkpoint(tmp_path):
+    run_dir = tmp_path / "run"
+    for n in ["checkpoint-epoch0-step8-files2", "checkpoint-epoch0-step16-files4"]:
+        put_checkpoint(run_dir, n)
+    run = resolve(str(run_dir))
+    assert str(ckpt.latest_complete(run).name) == "checkpoint-epoch0-step16-files4"
+    flip_byte(run_dir / "checkpoint-epoch0-step16-files4" / "model.safetensors", 100)  # same size
+    assert str(ckpt.latest_complete(run).name) == "checkpoint-epoch0-step8-files2"
+
+
 # --- fetch -----------------------------------------------------------------------------------
 
 def test_fetch_local_verifies_in_place(complete, tmp_path):
@@ -356,9 +458,7 @@ def test_fetch_remote_downloads_and_verifies(tmp_path):
     fs = pafs.SubTreeFileSystem(str(tmp_path / "bucket"), pafs.LocalFileSystem())
     loc = Location(fs, "runs/r/checkpoint-epoch0-step8-files2", "sub://runs/r/checkpoint-epoch0-step8-files2")
     scratch = tmp_path / "scratch"
-    seen = []
-    assert ckpt.fetch(loc, str(scratch), on_file=seen.append) == str(scratch)
-    assert seen[-1] == "metadata.json" and sorted(seen[:-1]) == sorted(FILES)
+    assert ckpt.fetch(loc, str(scratch)) == str(scratch)
     for rel, data in FILES.items():
         assert (scratch / rel).read_bytes() == data
     assert json.loads((scratch / "metadata.json").read_text()) == meta
@@ -366,3 +466,26 @@ def test_fetch_remote_downloads_and_verifies(tmp_path):
     flip_byte(run / "checkpoint-epoch0-step8-files2" / "optimizer.pt", 10)
     with pytest.raises(CheckpointError, match="optimizer.pt"):
         ckpt.fetch(loc, str(tmp_path / "scratch2"))
+
+
+def test_fetch_remote_downloads_only_wanted_files(tmp_path):
+    run = tmp_path / "bucket" / "runs" / "r"
+    put_checkpoint(run, "checkpoint-epoch0-step8-files2")
+    fs = pafs.SubTreeFileSystem(str(tmp_path / "bucket"), pafs.LocalFileSystem())
+    loc = Location(fs, "runs/r/checkpoint-epoch0-step8-files2", "sub://x")
+    flip_byte(run / "checkpoint-epoch0-step8-files2" / "rng_state_rank1.pt")  # another rank's file
+    scratch = tmp_path / "scratch"
+    wanted = lambda rel: rel != "rng_state_rank1.pt"  # noqa: E731
+    assert ckpt.fetch(loc, str(scratch), wanted=wanted) == str(scratch)
+    got = sorted(str(p.relative_to(scratch)) for p in scratch.rglob("*") if p.is_file())
+    assert got == sorted([r for r in FILES if wanted(r)] + ["metadata.json"])
+    with pytest.raises(CheckpointError, match="rng_state_rank1.pt"):
+        ckpt.fetch(loc, str(tmp_path / "scratch2"))
+
+
+def test_fetch_local_verifies_only_wanted_files(complete, tmp_path):
+    folder, loc = complete
+    flip_byte(folder / "rng_state_rank0.pt")
+    assert ckpt.fetch(loc, str(tmp_path / "s"), wanted=lambda rel: rel != "rng_state_rank0.pt") == str(folder)
+    with pytest.raises(CheckpointError, match="rng_state_rank0.pt"):
+        ckpt.fetch(loc, str(tmp_path / "s"), wanted=lambda rel: rel == "rng_state_rank0.pt")

@@ -1,0 +1,141 @@
+"""GCS-backed checkpoints against a real GCS API server over HTTP (fake-gcs-server on
+127.0.0.1): exact resume, the tools, corruption, transient faults, and failing fast."""
+
+import json
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load
+
+from conftest import REPO, read_json, run_cli_gcs
+from faultproxy import FaultProxy
+
+FINAL = "checkpoint-epoch1-step40-files4"
+
+
+def _args(runs, prefix, run_name, *extra):
+    return ["--config", "test", "--storage", f"gs://ckpts/{prefix}", "--run-name", run_name,
+            "--set", f"data.path={runs.data}", *extra]
+
+
+def _tool(gcs, *args):
+    return run_cli_gcs(list(args), None, gcs.url, module="ray_job.checkpoints")
+
+
+def _assert_same_as_straight(gcs, runs, prefix, run_name):
+    bucket = gcs.client().bucket("ckpts")
+    base = f"{prefix}/{run_name}/{FINAL}"
+    weights = load(bucket.blob(f"{base}/model.safetensors").download_as_bytes())
+    metrics = json.loads(bucket.blob(f"{base}/training_metrics.json").download_as_bytes())
+    straight = read_json(runs.ckpt("straight", FINAL) / "training_metrics.json")
+    assert metrics["loss_history"] == straight["loss_history"]
+    assert metrics["lr_history"] == straight["lr_history"]
+    from safetensors.torch import load_file
+
+    local = load_file(runs.ckpt("straight", FINAL) / "model.safetensors")
+    assert all(torch.equal(weights[k], local[k]) for k in local)
+
+
+@pytest.fixture(scope="module")
+def gcs_runs(runs, gcs, ray_address):
+    first = run_cli_gcs(_args(runs, "runs", "g", "--max-steps", 16), ray_address, gcs.url)
+    assert first.rc == 0, first.out[-4000:]
+    second = run_cli_gcs(_args(runs, "runs", "g", "--resume", "latest"), ray_address, gcs.url)
+    assert second.rc == 0, second.out[-4000:]
+    return first, second
+
+
+def test_train_checkpoint_resume_on_gcs_is_exact(gcs_runs, gcs, runs):
+    assert "📥 Downloading checkpoint from GCS..." in gcs_runs[1].out
+    assert "✅ Resumed from checkpoint: checkpoint-epoch0-step16-files4" in gcs_runs[1].out
+    _assert_same_as_straight(gcs, runs, "runs", "g")
+
+
+def test_list_show_and_plot_on_gcs(gcs_runs, gcs, tmp_path):
+    listed = _tool(gcs, "list", "--storage", "gs://ckpts/runs", "--run-name", "g", "--json")
+    assert listed.rc == 0, listed.out
+    table = json.loads(listed.out)
+    assert [r["step"] for r in table] == [8, 16, 24, 32, 40]
+    assert {r["status"] for r in table} == {"complete"}
+    assert all(r["size"] > 0 and r["train_loss"] is not None for r in table)
+    text = _tool(gcs, "list", "--storage", "gs://ckpts/runs", "--run-name", "g")
+    assert FINAL in text.out and "complete" in text.out
+    shown = _tool(gcs, "show", FINAL, "--storage", "gs://ckpts/runs", "--run-name", "g", "--json")
+    report = json.loads(shown.out)
+    assert report["metadata"]["step"] == 40 and len(report["metrics"]["loss_history"]) == 40
+    out = tmp_path / "curves.png"
+    plotted = _tool(gcs, "plot", "--storage", "gs://ckpts/runs", "--run-name", "g", "--out", out)
+    assert plotted.rc == 0, plotted.out
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 20_000
+
+
+def test_corrupt_object_refused_listed_and_skipped(gcs_runs, gcs, runs):
+    bucket = gcs.client().bucket("ckpts")
+    for blob in list(bucket.list_blobs(prefix="runs/g/")):
+        bucket.copy_blob(blob, bucket, "corrupt/g/" + blob.name[len("runs/g/"):])
+    victim = bucket.blob(f"corrupt/g/{FINAL}/optimizer.pt")
+    data = bytearray(victim.download_as_bytes())
+    data[100] ^= 0xFF  # same size: only a hash can tell
+    victim.upload_from_string(bytes(data))
+
+    refused = run_cli_gcs(_args(runs, "corrupt", "g", "--resume", FINAL, "--max-steps", 48), None, gcs.url)
+    assert refused.rc == 2
+    assert "is corrupt (optimizer.pt md5" in refused.err and "Traceback" not in refused.out
+    table = json.loads(_tool(gcs, "list", "--storage", "gs://ckpts/corrupt", "--run-name", "g", "--json").out)
+    assert {r["name"]: r["status"] for r in table}[FINAL] == "corrupt"
+    probe = subprocess.run(
+        [sys.executable, "-c", "from storage.checkpoint import latest_complete; "
+         "from storage.location import resolve; "
+         "print(latest_complete(resolve('gs://ckpts/corrupt/g')).name)"],
+        cwd=REPO, capture_output=True, text=True, env={"STORAGE_EMULATOR_HOST": gcs.url, "PATH": ""})
+    assert probe.stdout.strip() == "checkpoint-epoch1-step32-files2", probe.stderr
+
+
+def test_transient_faults_are_retried_and_resume_stays_exact(runs, gcs, ray_address):
+    with FaultProxy(gcs.url) as proxy:
+        first = run_cli_gcs(_args(runs, "faulty", "f", "--max-steps", 16), ray_address, proxy.url)
+        assert first.rc == 0, first.out[-4000:]
+        second = run_cli_gcs(_args(runs, "faulty", "f", "--resume", "latest"), ray_address, proxy.url)
+        assert second.rc == 0, second.out[-4000:]
+    assert proxy.counts["503"] >= 3 and proxy.counts["drop"] >= 3 and proxy.counts["slow"] >= 3, proxy.counts
+    table = json.loads(_tool(gcs, "list", "--storage", "gs://ckpts/faulty", "--run-name", "f", "--json").out)
+    assert [r["step"] for r in table] == [8, 16, 24, 32, 40]
+    assert {r["status"] for r in table} == {"complete"}
+    _assert_same_as_straight(gcs, runs, "faulty", "f")
+
+
+def _timed(args, env_extra, tmp_path):
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "HOME": str(tmp_path),
+           "NO_GCE_CHECK": "True", "GCE_METADATA_HOST": "127.0.0.1:9", "GCE_METADATA_IP": "127.0.0.1:9",
+           **env_extra}
+    started = time.monotonic()
+    p = subprocess.run([sys.executable, "-m", "ray_job.train", *args], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=60)
+    return p, time.monotonic() - started
+
+
+def test_fail_fast_missing_bucket(gcs, tmp_path):
+    p, took = _timed(["--storage", "gs://no-such-bucket/runs"], {"STORAGE_EMULATOR_HOST": gcs.url}, tmp_path)
+    assert p.returncode == 2 and "bucket 'no-such-bucket' does not exist" in p.stderr, p.stderr
+    assert took < 10, took
+    assert not any(tmp_path.iterdir()), "bad input wrote something"
+
+
+def test_fail_fast_no_credentials(tmp_path):
+    p, took = _timed(["--storage", "gs://some-bucket/runs"], {}, tmp_path)
+    assert p.returncode == 2 and "no Google Cloud credentials found" in p.stderr, p.stderr
+    assert took < 10, took
+
+
+def test_fail_fast_endpoint_that_never_answers(tmp_path):
+    with socket.socket() as silent:  # accepts connections (backlog) and never says a word
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        p, took = _timed(["--storage", "gs://ckpts/runs"], {"STORAGE_EMULATOR_HOST": url}, tmp_path)
+    assert p.returncode == 2 and "did not answer within" in p.stderr, p.stderr
+    assert took < 10, took
