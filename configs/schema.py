@@ -138,12 +138,18 @@ class CheckpointConfig:
     """'async': upload in the background (training waits only for the local snapshot); 'sync'."""
     max_failures: int = 0
     """Worker-group restarts Ray may do before the run fails."""
+    keep_last: int = 0
+    """Retention: keep the newest N complete checkpoints (0 keeps everything)."""
+    keep_best: int = 0
+    """Retention: also keep the K with the lowest validation loss."""
 
     def __post_init__(self):
         _require(self.every > 0, "checkpoint.every", "must be positive")
         _require(self.upload in ("async", "sync"), "checkpoint.upload", "must be 'async' or 'sync'")
         _require(self.max_failures >= -1, "checkpoint.max_failures", "must be >= -1 (-1: no limit)")
         _require("/" not in self.run_name, "checkpoint.run_name", "must not contain '/'")
+        _require(self.keep_last >= 0, "checkpoint.keep_last", "must be >= 0")
+        _require(self.keep_best >= 0, "checkpoint.keep_best", "must be >= 0")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -223,6 +229,16 @@ def with_overrides(cfg: Config, overrides: dict) -> Config:
     return from_dict(Config, _merge(to_dict(cfg), overrides))
 
 
+def _scalar(raw: str, yaml):
+    """int, then float (so 1e-3 is a number: YAML 1.1 wants a dot), then YAML (true, null, ...)."""
+    for kind in (int, float):
+        try:
+            return kind(raw)
+        except ValueError:
+            pass
+    return yaml.safe_load(raw) if raw != "" else ""
+
+
 def parse_set(assignments: list[str]) -> dict:
     """['train.max_steps=10', 'model.dropout=0'] -> nested dict, values parsed as YAML scalars."""
     import yaml
@@ -232,7 +248,7 @@ def parse_set(assignments: list[str]) -> dict:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.max_steps=100")
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = _scalar(raw, yaml)
         node = nested
         parts = key.split(".")
         for part in parts[:-1]:

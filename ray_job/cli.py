@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from configs import load, with_overrides
-from configs.schema import Config, ConfigError, parse_set
+from configs.schema import Config, ConfigError, _merge, parse_set
 
 
 class _Parser(argparse.ArgumentParser):
@@ -44,8 +44,7 @@ def resolve_config(args: argparse.Namespace) -> Config:
     if args.checkpoint_every is not None:
         flags.setdefault("checkpoint", {})["every"] = args.checkpoint_every
     try:
-        cfg = with_overrides(cfg, flags)
-        return with_overrides(cfg, parse_set(args.set))
+        return with_overrides(cfg, _merge(flags, parse_set(args.set)))  # validated once, at the end
     except ConfigError as e:
         flag = {"train.max_steps": "--max-steps", "scaling.num_workers": "--num-workers",
                 "checkpoint.every": "--checkpoint-every", "checkpoint.run_name": "--run-name"}

@@ -128,7 +128,12 @@ def check(loc: Location, verify_hashes: bool = False) -> CheckResult:
     try:
         metadata = _read_json(loc.fs, meta_path)
         manifest = metadata["files"]
-    except (ValueError, KeyError, TypeError) as e:
+        if not isinstance(manifest, dict) or not all(
+            isinstance(v, dict) and isinstance(v.get("size"), int) and isinstance(v.get("sha256"), str)
+            for v in manifest.values()
+        ):
+            raise ValueError("its file list is malformed")
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
         return CheckResult(Status.CORRUPT, f"{METADATA} is unreadable: {e}")
     infos = {}
     selector = pafs.FileSelector(loc.path, recursive=True)
@@ -210,6 +215,8 @@ def upload(local_dir: str, dest: Location) -> None:
         for name in names:
             rels.append(os.path.relpath(os.path.join(root, name), local_dir).replace(os.sep, "/"))
     for rel in sorted(r for r in rels if r != METADATA):
+        if "/" in rel:
+            dest.fs.create_dir(join(dest.path, rel.rsplit("/", 1)[0]), recursive=True)
         with open(os.path.join(local_dir, rel), "rb") as src, dest.fs.open_output_stream(
             join(dest.path, rel)
         ) as out:
@@ -228,6 +235,19 @@ def upload(local_dir: str, dest: Location) -> None:
         with dest.fs.open_output_stream(tmp) as out:
             out.write(commit)
         dest.fs.move(tmp, join(dest.path, METADATA))  # a rename: atomic on a local disk
+
+
+def delete(loc: Location) -> None:
+    """Remove a checkpoint: metadata.json first (it stops counting at once), then the rest
+    object by object (GCS has no directories to remove; see DESIGN.md)."""
+    meta = join(loc.path, METADATA)
+    if _exists(loc.fs, meta):
+        loc.fs.delete_file(meta)
+    for info in loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=True, allow_not_found=True)):
+        if info.type == pafs.FileType.File:
+            loc.fs.delete_file(info.path)
+    if isinstance(loc.fs, pafs.LocalFileSystem) and _exists(loc.fs, loc.path):
+        loc.fs.delete_dir(loc.path)
 
 
 def fetch(loc: Location, scratch_dir: str, wanted: Callable[[str], bool] = lambda rel: True) -> str:

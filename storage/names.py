@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass
 from typing import Iterable
 
-_PATTERN = re.compile(r"^checkpoint-epoch(0|[1-9]\d*)-step(0|[1-9]\d*)-files(0|[1-9]\d*)$")
+_PATTERN = re.compile(r"checkpoint-epoch(0|[1-9][0-9]*)-step(0|[1-9][0-9]*)-files(0|[1-9][0-9]*)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,7 +38,7 @@ class CheckpointName:
     @classmethod
     def parse(cls, text: str) -> "CheckpointName":
         """Parse a name; raise ValueError naming the expected form."""
-        match = _PATTERN.match(text)
+        match = _PATTERN.fullmatch(text)
         if match is None:
             raise ValueError(
                 f"'{text}' is not a checkpoint name: expected "
@@ -56,7 +56,7 @@ class CheckpointName:
 
 
 def is_checkpoint_name(text: str) -> bool:
-    return _PATTERN.match(text) is not None
+    return _PATTERN.fullmatch(text) is not None
 
 
 def sort_names(names: Iterable[str]) -> list[str]:

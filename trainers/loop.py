@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from configs.schema import Config, from_dict
 from storage import checkpoint as ckpt
+from storage import retention
 from storage.location import Location, resolve
 from storage.names import CheckpointName
 from trainers import checkpointing
@@ -285,10 +286,17 @@ def _save(plan, cfg, accelerator, model, optimizer, scheduler, state, epoch_plan
     ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder),
                      checkpoint_dir_name=str(name), checkpoint_upload_mode=mode,
                      delete_local_checkpoint_after_upload=True,
-                     checkpoint_upload_fn=_upload_fn(plan["run_uri"]))
+                     checkpoint_upload_fn=_upload_fn(plan, cfg))
 
 
-def _upload_fn(run_uri: str):
+def _upload_fn(plan: dict, cfg: Config):
+    run_uri = plan["run_uri"]
+    resumed = plan.get("resume") or {}
+    policy = retention.Policy(
+        keep_last=cfg.checkpoint.keep_last, keep_best=cfg.checkpoint.keep_best,
+        protect=frozenset([resumed["name"]]) if resumed.get("uri", "").startswith(run_uri) else frozenset(),
+    )
+
     def upload(checkpoint: Checkpoint, dir_name: str) -> Checkpoint:
         storage = ray.train.get_context().get_storage()
         dest = Location(storage.storage_filesystem,
@@ -297,6 +305,9 @@ def _upload_fn(run_uri: str):
         started = time.time()
         ckpt.upload(checkpoint.path, dest)
         _say(f"☁️  Uploaded {dir_name} to {dest.uri} in {time.time() - started:.2f}s")
+        run = Location(dest.fs, storage.experiment_fs_path, run_uri)
+        for name in retention.apply(run, policy, log=_say):  # one rank deletes: this one
+            _say(f"🧹 Retention deleted {name}")
         return Checkpoint(path=dest.path, filesystem=dest.fs)
 
     return upload

@@ -202,11 +202,6 @@ def test_upload_commit_on_gcs_is_create_only_and_last(tmp_path, monkeypatch):
         ckpt.upload(str(local), resolve(str(tmp_path / "run2")))
 
 
-@pytest.mark.xfail(strict=True, raises=FileNotFoundError, reason=(
-    "BUG (latent) storage/checkpoint.py:207-216 (upload): upload() creates only dest.path, not the parent "
-    "folders of nested files, so a checkpoint with a subfolder cannot be uploaded to local "
-    "storage (pyarrow LocalFileSystem.open_output_stream needs the folder). write_metadata, "
-    "check and fetch all support nested paths; today's checkpoints are flat, so it is latent."))
 def test_upload_nested_files_to_local_storage(tmp_path):
     local = tmp_path / "local"
     make_local(local)  # includes shards/part-0.bin
@@ -291,12 +286,6 @@ def test_check_unreadable_metadata_is_corrupt(complete, content):
     assert "metadata.json" in result.reason
 
 
-@pytest.mark.xfail(strict=True, raises=(AttributeError, TypeError, KeyError), reason=(
-    "BUG storage/checkpoint.py:128-146 (check): check() promises 'Never raises for a bad checkpoint', but "
-    "only the metadata['files'] lookup is inside the try; a metadata.json that is valid JSON with "
-    "a malformed manifest ('files' a list, or an entry without 'size') raises AttributeError / "
-    "TypeError / KeyError from the loop, so latest_complete() and `--resume latest` crash instead "
-    "of skipping the checkpoint as CORRUPT."))
 @pytest.mark.parametrize("manifest", [[], {"model.safetensors": 5}, {"model.safetensors": {"sha256": "x"}}])
 def test_check_malformed_manifest_is_corrupt_not_an_exception(complete, manifest):
     folder, loc = complete

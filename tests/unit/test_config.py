@@ -202,21 +202,10 @@ def test_cli_other_args_are_parsed():
     assert args.resume == "latest" and args.audit_dir == "/tmp/a" and args.set == []
 
 
-@pytest.mark.xfail(strict=True, raises=ConfigError, reason=(
-    "BUG ray_job/cli.py:27 + configs/schema.py:235: the --help example '--set optim.lr=1e-3' "
-    "fails: parse_set uses yaml.safe_load (YAML 1.1), which reads '1e-3' as the string '1e-3' "
-    "(a float needs a dot and a signed exponent), so _coerce rejects it: 'optim.lr: expected a "
-    "number, got '1e-3''. Any exponent float without a dot (6e-4, 1e5) is refused the same way."))
 def test_cli_set_accepts_the_documented_float_example():
     assert cli("--set", "optim.lr=1e-3").optim.lr == pytest.approx(1e-3)
 
 
-@pytest.mark.xfail(strict=True, raises=ConfigError, reason=(
-    "BUG ray_job/cli.py:47-48: flags are applied and validated as a complete config before --set "
-    "is applied, so a valid final config is refused when a flag alone breaks a cross-field rule: "
-    "'--num-workers 3 --set train.global_batch_size=24' fails with 'train.global_batch_size: 16 is "
-    "not a multiple of ... 3' although 24 % 3 == 0. Fix: merge flags and --set into one override "
-    "dict and call with_overrides once."))
 def test_cli_flags_and_set_are_validated_together():
     cfg = cli("--num-workers", "3", "--set", "train.global_batch_size=24")
     assert (cfg.scaling.num_workers, cfg.train.global_batch_size) == (3, 24)
