@@ -96,15 +96,29 @@ def test_corrupt_object_refused_listed_and_skipped(gcs_runs, gcs, runs):
 
 
 def test_transient_faults_are_retried_and_resume_stays_exact(runs, gcs, ray_address):
+    """Through a proxy that fails a bounded share of requests, with retention on: the run
+    checkpoints, resumes and finishes exactly; what is left is whole and what retention keeps."""
+    keep = ["--set", "checkpoint.keep_last=2", "--set", "checkpoint.keep_best=1"]
     with FaultProxy(gcs.url) as proxy:
-        first = run_cli_gcs(_args(runs, "faulty", "f", "--max-steps", 16), ray_address, proxy.url)
+        first = run_cli_gcs(_args(runs, "faulty", "f", "--max-steps", 16, *keep), ray_address, proxy.url)
         assert first.rc == 0, first.out[-4000:]
-        second = run_cli_gcs(_args(runs, "faulty", "f", "--resume", "latest"), ray_address, proxy.url)
+        second = run_cli_gcs(_args(runs, "faulty", "f", "--resume", "latest", *keep), ray_address, proxy.url)
         assert second.rc == 0, second.out[-4000:]
     assert proxy.counts["503"] >= 3 and proxy.counts["drop"] >= 3 and proxy.counts["slow"] >= 3, proxy.counts
     table = json.loads(_tool(gcs, "list", "--storage", "gs://ckpts/faulty", "--run-name", "f", "--json").out)
-    assert [r["step"] for r in table] == [8, 16, 24, 32, 40]
     assert {r["status"] for r in table} == {"complete"}
+
+    from storage.names import CheckpointName
+    from storage.retention import Candidate, Policy, which_to_delete
+
+    straight = [read_json(p / "metadata.json") for p in sorted((runs.storage / "straight").glob("checkpoint-*"))]
+    everything = [Candidate(CheckpointName.parse(m["name"]), True, m["val_loss"]) for m in straight]
+    gone = which_to_delete(everything, Policy(2, 1, frozenset({"checkpoint-epoch0-step16-files4"})))
+    assert gone, "the policy deletes nothing here: the check below would prove nothing"
+    expected = sorted(c.name.step for c in everything if c.name not in gone)
+    assert [r["step"] for r in table] == expected
+    assert 16 in expected and 40 in expected  # resumed from, and the latest
+    assert "🧹 Retention deleted" in second.out
     _assert_same_as_straight(gcs, runs, "faulty", "f")
 
 
