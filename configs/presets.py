@@ -27,7 +27,8 @@ def production() -> Config:
                           mixed_precision="bf16", log_every=10, val_every=1000, val_batch_size=32),
         scaling=ScalingConfig(num_workers=8, use_gpu=True, cpus_per_worker=4),
         checkpoint=CheckpointConfig(storage="gs://my-training-checkpoints/runs", every=1000,
-                                    max_failures=3),
+                                    max_failures=3, preemption_check_every=10, keep_last=5,
+                                    keep_best=2),
     )
 
 

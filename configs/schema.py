@@ -138,6 +138,8 @@ class CheckpointConfig:
     """'async': upload in the background (training waits only for the local snapshot); 'sync'."""
     max_failures: int = 0
     """Worker-group restarts Ray may do before the run fails."""
+    preemption_check_every: int = 1
+    """Ask Ray every N steps whether a node is being preempted (a barrier); 0 never asks."""
     keep_last: int = 0
     """Retention: keep the newest N complete checkpoints (0 keeps everything)."""
     keep_best: int = 0
@@ -149,6 +151,7 @@ class CheckpointConfig:
         _require(self.max_failures >= -1, "checkpoint.max_failures", "must be >= -1 (-1: no limit)")
         _require("/" not in self.run_name, "checkpoint.run_name", "must not contain '/'")
         _require(self.keep_last >= 0, "checkpoint.keep_last", "must be >= 0")
+        _require(self.preemption_check_every >= 0, "checkpoint.preemption_check_every", "must be >= 0")
         _require(self.keep_best >= 0, "checkpoint.keep_best", "must be >= 0")
 
 

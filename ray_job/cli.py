@@ -23,6 +23,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--run-name", help="the run's folder under --storage (default: config name)")
     p.add_argument("--num-workers", type=int, help="Ray Train workers")
     p.add_argument("--checkpoint-every", type=int, help="save every N steps")
+    p.add_argument("--max-failures", type=int,
+                   help="worker-group restarts Ray may do (resuming from this run's latest checkpoint)")
+    p.add_argument("--allow-new-global-batch", action="store_true",
+                   help="resume with a different train.global_batch_size on purpose")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, e.g. --set optim.lr=1e-3 (repeatable)")
     p.add_argument("--audit-dir", help="local folder for a per-rank audit trail of sample ids "
@@ -41,13 +45,15 @@ def resolve_config(args: argparse.Namespace) -> Config:
         flags.setdefault("checkpoint", {})["run_name"] = args.run_name
     if args.num_workers is not None:
         flags.setdefault("scaling", {})["num_workers"] = args.num_workers
+    if args.max_failures is not None:
+        flags.setdefault("checkpoint", {})["max_failures"] = args.max_failures
     if args.checkpoint_every is not None:
         flags.setdefault("checkpoint", {})["every"] = args.checkpoint_every
     try:
         return with_overrides(cfg, _merge(flags, parse_set(args.set)))  # validated once, at the end
     except ConfigError as e:
         flag = {"train.max_steps": "--max-steps", "scaling.num_workers": "--num-workers",
-                "checkpoint.every": "--checkpoint-every", "checkpoint.run_name": "--run-name"}
+                "checkpoint.every": "--checkpoint-every", "checkpoint.max_failures": "--max-failures", "checkpoint.run_name": "--run-name"}
         msg = str(e)
         for key, name in flag.items():
             if msg.startswith(key + ":"):

@@ -22,19 +22,20 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def init_ray(cfg: Config) -> None:
-    """Join RAY_ADDRESS's cluster if set, else start a local Ray sized for the workers."""
+    """Join RAY_ADDRESS's cluster if set (as `ray job submit` does), else start a local Ray."""
     if ray.is_initialized():
         return
-    env = {"PYTHONPATH": os.pathsep.join(filter(None, [REPO_ROOT, os.environ.get("PYTHONPATH")]))}
+    env = {}
+    if "RAY_JOB_CONFIG_JSON_ENV_VAR" not in os.environ:  # a submitted job ships its working dir
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO_ROOT, os.environ.get("PYTHONPATH")]))
     if os.environ.get("STORAGE_EMULATOR_HOST"):  # workers must see the same GCS as the driver
         env["STORAGE_EMULATOR_HOST"] = os.environ["STORAGE_EMULATOR_HOST"]
+    runtime_env = {"env_vars": env} if env else None
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(runtime_env=None if os.environ.get("RAY_JOB_ID") else {"env_vars": env},
-                 log_to_driver=True)
+        ray.init(runtime_env=runtime_env, log_to_driver=True)
     else:
         cpus = max(os.cpu_count() or 1, int(cfg.scaling.num_workers * cfg.scaling.cpus_per_worker) + 2)
-        ray.init(num_cpus=cpus, runtime_env={"env_vars": env}, include_dashboard=False,
-                 log_to_driver=True)
+        ray.init(num_cpus=cpus, runtime_env=runtime_env, include_dashboard=False, log_to_driver=True)
 
 
 def fit(cfg: Config, run: Location, storage: Location, plan: dict):

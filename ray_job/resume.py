@@ -73,23 +73,36 @@ def _any_file(loc: Location) -> bool:
     return any(i.type == pafs.FileType.File for i in loc.fs.get_file_info(sel))
 
 
-def check_compatible(choice: ResumeChoice, cfg: Config, max_steps: int, world: int) -> None:
+ARCHITECTURE = ("vocab_size", "seq_len", "n_layer", "n_head", "d_model")  # dropout may change
+
+
+def check_compatible(choice: ResumeChoice, cfg: Config, max_steps: int,
+                     allow_new_global_batch: bool = False) -> None:
     """Refuse a resume that cannot continue this config."""
-    saved = choice.metadata.get("config", {})
-    if saved.get("model") != _asdict(cfg.model):
-        diffs = [f"{k}: checkpoint {saved.get('model', {}).get(k)!r} vs config {v!r}"
-                 for k, v in _asdict(cfg.model).items() if saved.get("model", {}).get(k) != v]
+    saved = choice.metadata.get("config", {}).get("model", {})
+    ours = _asdict(cfg.model)
+    diffs = [f"{k}: checkpoint {saved.get(k)!r} vs config {ours[k]!r}"
+             for k in ARCHITECTURE if saved.get(k) != ours[k]]
+    if diffs:
         raise UserError(
             f"--resume {choice.name}: the checkpoint holds an incompatible model "
             f"({'; '.join(diffs)}); resume with the config it was trained with"
         )
-    if choice.metadata["global_batch_size"] != cfg.train.global_batch_size:
-        raise UserError(
-            f"--resume {choice.name}: the checkpoint used global batch size "
-            f"{choice.metadata['global_batch_size']}, this config {cfg.train.global_batch_size}; "
-            "the data cursor and the schedule assume the same one: --set "
-            f"train.global_batch_size={choice.metadata['global_batch_size']}"
-        )
+    old_batch, new_batch = choice.metadata["global_batch_size"], cfg.train.global_batch_size
+    if old_batch != new_batch:
+        if not allow_new_global_batch:
+            raise UserError(
+                f"--resume {choice.name}: the checkpoint used global batch size {old_batch}, this "
+                f"config {new_batch}; keep it (--set train.global_batch_size={old_batch}) or pass "
+                "--allow-new-global-batch to change it on purpose"
+            )
+        cursor = choice.metadata["samples_in_epoch"]
+        if cursor % new_batch:
+            raise UserError(
+                f"--allow-new-global-batch: {choice.name} stopped {cursor} samples into epoch "
+                f"{choice.metadata['epoch']}, not a multiple of the new global batch size "
+                f"{new_batch}; pick a size that divides {cursor} or resume from an epoch boundary"
+            )
     if max_steps <= choice.step:
         raise UserError(
             f"--max-steps {max_steps} is not above the resumed step {choice.step} of "

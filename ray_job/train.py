@@ -33,7 +33,7 @@ def prepare(argv: list[str] | None = None) -> tuple:
     cfg = with_overrides(cfg, {"data": {"path": data.uri}, "checkpoint": {"storage": storage.uri}})
     choice = resume.resolve_resume(args.resume, run) if args.resume else None
     if choice is not None:
-        resume.check_compatible(choice, cfg, cfg.train.max_steps, cfg.scaling.num_workers)
+        resume.check_compatible(choice, cfg, cfg.train.max_steps, args.allow_new_global_batch)
         if choice.metadata["world_size"] != cfg.scaling.num_workers:
             print(f"⚠️  {choice.name} was written by {choice.metadata['world_size']} workers; "
                   f"resuming on {cfg.scaling.num_workers} with the same global batch size")

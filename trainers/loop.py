@@ -40,6 +40,9 @@ def train_loop(plan: dict) -> None:
     say = _say if rank == 0 else (lambda *a, **k: None)
 
     # --- set up Accelerate, the model, the optimizer and the schedule -------------------
+    if cfg.scaling.use_gpu:  # exact resume on GPU needs deterministic kernels (cuBLAS included)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
     accelerator = Accelerator(
         cpu=not cfg.scaling.use_gpu,
         mixed_precision=cfg.train.mixed_precision,
@@ -85,12 +88,16 @@ def train_loop(plan: dict) -> None:
 
     # --- for each step: train, log, validate, checkpoint ------------------------------------
     model.train()
+    notified = False  # one checkpoint per preemption notice; Ray restarts us after the node goes
     while state.step < max_steps:
         if stream.plan is not epoch_plan:  # the last step ended an epoch: its files, cursor 0
             stream.close()
             stream = RankStream(data.fs, epoch_plan, G, world, rank, 0)
             batches = iter(stream)
+        fetch_started = time.time()
         ids, tokens = next(batches)
+        if state.step == progress_initial:
+            first_batch_s = time.time() - fetch_started
         audit.opened(state, stream)
         audit.trained(state, ids)
         loss = _train_step(accelerator, model, optimizer, cfg, tokens, A)
@@ -107,6 +114,8 @@ def train_loop(plan: dict) -> None:
         if state.step % cfg.train.log_every == 0:
             state.loss_history.append([state.step, mean_loss])
             state.lr_history.append([state.step, lr])
+        if state.step == progress_initial + 1:
+            say(f"⏱️  First step done at {time.time():.3f} (first batch read in {first_batch_s:.3f}s)")
         bar.update(1)
         bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", refresh=False)
 
@@ -115,15 +124,38 @@ def train_loop(plan: dict) -> None:
             val_loss = _validate(accelerator, model, val_tokens, cfg, rank, world)
             state.val_history.append([state.step, val_loss])
             state.best_val_loss = min(state.best_val_loss, val_loss)
-        if state.step % cfg.checkpoint.every == 0 or last:
+        notice = _preemption_notice(cfg, state, notified)
+        if notice is not None:
+            notified = True
+            say(f"\n⚠️  Preemption notice: node(s) {', '.join(n[:12] for n in notice.preempted_node_ids)} "
+                f"(ranks {notice.preempted_ranks}) go away{_deadline(notice)}: saving a checkpoint now")
+        if state.step % cfg.checkpoint.every == 0 or last or notice is not None:
             _save(plan, cfg, accelerator, model, optimizer, scheduler, state, epoch_plan,
-                  progress_initial, rank, world, say)
+                  progress_initial, rank, world, say, preempted=notice is not None)
 
     # --- finish ---------------------------------------------------------------------------
     bar.close()
     stream.close()
     say(f"🏁 Training finished at step {state.step}, epoch {state.epoch}; "
         f"best loss {state.best_loss:.4f}; progress started at step {progress_initial}")
+
+
+def _preemption_notice(cfg: Config, state: TrainState, notified: bool):
+    """Ray's notice that a node of this run is being preempted, or None.
+
+    get_preemption_info() is a barrier: every rank calls it at the same steps.
+    """
+    every = cfg.checkpoint.preemption_check_every
+    if not every or state.step % every:
+        return None
+    info = ray.train.get_preemption_info()
+    return None if info is None or notified else info
+
+
+def _deadline(info) -> str:
+    if info.deadline_ms is None:
+        return ""
+    return f" in {max(0.0, info.deadline_ms / 1000 - time.time()):.0f}s"
 
 
 def _say(message: str) -> None:
@@ -216,9 +248,11 @@ def _restore(source, plan, model, optimizer, scheduler, rank, world, say) -> Tra
     if loc.is_remote:
         say("📥 Downloading checkpoint from GCS...")
     scratch = tempfile.mkdtemp(prefix="resume-")
+    fetch_started = time.time()
     # Each rank downloads what it loads: everything but the other ranks' RNG states.
     folder = ckpt.fetch(loc, scratch, wanted=lambda rel: not rel.startswith("rng_state_rank")
                         or rel == ckpt.rng_file(rank))
+    fetched = time.time()
     metadata = checkpointing.load_metadata(folder)
     checkpointing.load_model(folder, model)
     checkpointing.load_optimizer(folder, optimizer)
@@ -240,13 +274,14 @@ def _restore(source, plan, model, optimizer, scheduler, rank, world, say) -> Tra
     say(f"✅ Restored scheduler state (last LR {scheduler.get_last_lr()[0]:.6g})")
     say(f"✅ Loaded training metrics ({len(state.loss_history)} loss, {len(state.lr_history)} LR, "
         f"{len(state.val_history)} validation entries)")
-    say(f"   Checkpoint verified and loaded in {time.time() - started:.2f}s")
+    say(f"   Checkpoint verified and loaded in {time.time() - started:.2f}s "
+        f"(fetch {fetched - fetch_started:.2f}s, state load {time.time() - fetched:.2f}s)")
     shutil.rmtree(scratch, ignore_errors=True)  # a downloaded copy; a local checkpoint stays put
     return state
 
 
 def _save(plan, cfg, accelerator, model, optimizer, scheduler, state, epoch_plan,
-          progress_initial, rank, world, say) -> None:
+          progress_initial, rank, world, say, preempted: bool = False) -> None:
     name = CheckpointName(epoch=state.epoch, step=state.step,
                           files=epoch_plan.files_done(state.samples_in_epoch))
     started = time.time()
@@ -277,6 +312,7 @@ def _save(plan, cfg, accelerator, model, optimizer, scheduler, state, epoch_plan
         "train_loss": metrics["loss"], "val_loss": (state.val_history[-1][1] if state.val_history
                                                    and state.val_history[-1][0] == state.step else None),
         "versions": {"torch": torch.__version__, "ray": ray.__version__},
+        "preempted": preempted,  # saved because Ray announced a node's preemption
     }
     checkpointing.save_local(folder, accelerator.unwrap_model(model), optimizer, scheduler, blobs,
                              state, metadata)
@@ -287,6 +323,7 @@ def _save(plan, cfg, accelerator, model, optimizer, scheduler, state, epoch_plan
                      checkpoint_dir_name=str(name), checkpoint_upload_mode=mode,
                      delete_local_checkpoint_after_upload=True,
                      checkpoint_upload_fn=_upload_fn(plan, cfg))
+    say(f"⏱️  Training blocked {time.time() - started:.3f}s for {name} ({mode.value.lower()} upload)")
 
 
 def _upload_fn(plan: dict, cfg: Config):
@@ -335,10 +372,10 @@ class _Audit:
         if stream is not self._stream:
             self._stream, self._seen = stream, 0
         for path in stream.opened[self._seen:]:
-            self._write({"event": "open", "epoch": state.epoch, "file": path})
+            self._write({"event": "open", "epoch": state.epoch, "file": path, "pid": os.getpid()})
         self._seen = len(stream.opened)
 
     def trained(self, state: TrainState, ids: np.ndarray) -> None:
         if self.path is not None:
             self._write({"event": "batch", "step": state.step + 1, "epoch": state.epoch,
-                         "ids": [int(i) for i in ids]})
+                         "ids": [int(i) for i in ids], "pid": os.getpid()})

@@ -26,22 +26,35 @@ def _free_port() -> int:
 
 def _env(**extra) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env.update({"PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "token", "PYTHONUNBUFFERED": "1"})
+    env.update({"PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "token", "PYTHONUNBUFFERED": "1",
+                # `python` in a submitted job's entrypoint is this venv's, as on a real node
+                "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"})
     env.update(extra)
     return env
 
 
+@dataclass
+class Cluster:
+    address: str  # what a driver joins (RAY_ADDRESS)
+    dashboard: str  # what `ray job submit --address` talks to
+
+
 @pytest.fixture(scope="session")
-def ray_address(tmp_path_factory):
-    port = _free_port()
+def ray_cluster(tmp_path_factory):
+    port, dash = _free_port(), _free_port()
     temp = tmp_path_factory.mktemp("ray")
     cmd = [str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
-           "--num-cpus=4", "--include-dashboard=false", "--disable-usage-stats",
-           f"--temp-dir={temp}"]
-    subprocess.run(cmd, check=True, env=_env(), capture_output=True, timeout=120)
-    yield f"127.0.0.1:{port}"
+           "--num-cpus=4", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+           f"--dashboard-port={dash}", "--disable-usage-stats", f"--temp-dir={temp}"]
+    subprocess.run(cmd, check=True, env=_env(), capture_output=True, timeout=180)
+    yield Cluster(f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}")
     subprocess.run([str(BIN / "ray"), "stop", "--force"], env=_env(), capture_output=True,
                    timeout=120)
+
+
+@pytest.fixture(scope="session")
+def ray_address(ray_cluster) -> str:
+    return ray_cluster.address
 
 
 @dataclass

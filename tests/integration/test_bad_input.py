@@ -51,6 +51,8 @@ CASES = {
     "corrupt": (["--resume", "checkpoint-epoch0-step8-files2"], "is corrupt (model.safetensors sha256"),
     "incompatible model": (["--resume", "latest", "--max-steps", "50", "--set", "model.d_model=32"],
                            "incompatible model (d_model: checkpoint 64 vs config 32)"),
+    "new global batch": (["--resume", "latest", "--max-steps", "50", "--set", "train.global_batch_size=32"],
+                         "pass --allow-new-global-batch to change it on purpose"),
     "older than newest": (["--resume", "checkpoint-epoch0-step10-files2"],
                           "already has newer checkpoints"),
     "fresh over existing": ([], "already has checkpoints (newest: checkpoint-epoch1-step40-files4)"),
