@@ -120,10 +120,14 @@ class ScalingConfig:
     """One GPU per worker, NCCL between them."""
     cpus_per_worker: float = 1.0
     """Logical CPUs each worker reserves."""
+    placement_strategy: str = "PACK"
+    """Ray placement group strategy for the workers: PACK, SPREAD, STRICT_PACK, STRICT_SPREAD."""
 
     def __post_init__(self):
         _require(self.num_workers > 0, "scaling.num_workers", "must be positive")
         _require(self.cpus_per_worker > 0, "scaling.cpus_per_worker", "must be positive")
+        _require(self.placement_strategy in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
+                 "scaling.placement_strategy", "must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -140,6 +144,9 @@ class CheckpointConfig:
     """Worker-group restarts Ray may do before the run fails."""
     preemption_check_every: int = 1
     """Ask Ray every N steps whether a node is being preempted (a barrier); 0 never asks."""
+    preemption_wait_s: float = 60.0
+    """After the preemption checkpoint, hold training up to this long (or the notice's deadline,
+    if sooner) so that no step is trained only to be lost with the node; 0 keeps training."""
     keep_last: int = 0
     """Retention: keep the newest N complete checkpoints (0 keeps everything)."""
     keep_best: int = 0

@@ -34,6 +34,7 @@ from trainers.state import TrainState
 
 
 def train_loop(plan: dict) -> None:
+    loop_started = time.time()
     cfg: Config = from_dict(Config, plan["config"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -88,6 +89,7 @@ def train_loop(plan: dict) -> None:
 
     # --- for each step: train, log, validate, checkpoint ------------------------------------
     model.train()
+    first_step_at = None
     notified = False  # one checkpoint per preemption notice; Ray restarts us after the node goes
     while state.step < max_steps:
         if stream.plan is not epoch_plan:  # the last step ended an epoch: its files, cursor 0
@@ -115,7 +117,9 @@ def train_loop(plan: dict) -> None:
             state.loss_history.append([state.step, mean_loss])
             state.lr_history.append([state.step, lr])
         if state.step == progress_initial + 1:
-            say(f"⏱️  First step done at {time.time():.3f} (first batch read in {first_batch_s:.3f}s)")
+            first_step_at = time.time()
+            say(f"⏱️  First step done at {first_step_at:.3f} (first batch read in {first_batch_s:.3f}s; "
+                f"loop started at {loop_started:.3f})")
         bar.update(1)
         bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", refresh=False)
 
@@ -132,10 +136,16 @@ def train_loop(plan: dict) -> None:
         if state.step % cfg.checkpoint.every == 0 or last or notice is not None:
             _save(plan, cfg, accelerator, model, optimizer, scheduler, state, epoch_plan,
                   progress_initial, rank, world, say, preempted=notice is not None)
+        if notice is not None and not last:
+            _hold_for_preemption(cfg, notice, say)
 
     # --- finish ---------------------------------------------------------------------------
     bar.close()
     stream.close()
+    trained = state.step - progress_initial
+    if first_step_at is not None and trained > 1:
+        rate = (trained - 1) / (time.time() - first_step_at)
+        say(f"⏱️  Loop started at {loop_started:.3f}; {trained - 1} steps after the first at {rate:.3f} steps/s")
     say(f"🏁 Training finished at step {state.step}, epoch {state.epoch}; "
         f"best loss {state.best_loss:.4f}; progress started at step {progress_initial}")
 
@@ -150,6 +160,19 @@ def _preemption_notice(cfg: Config, state: TrainState, notified: bool):
         return None
     info = ray.train.get_preemption_info()
     return None if info is None or notified else info
+
+
+def _hold_for_preemption(cfg: Config, info, say) -> None:
+    """Every rank waits (they all got the same notice) until the node is gone, the deadline
+    passes, or preemption_wait_s runs out: steps trained now would die with the node."""
+    wait = cfg.checkpoint.preemption_wait_s
+    if info.deadline_ms is not None:
+        wait = min(wait, max(0.0, info.deadline_ms / 1000 - time.time()))
+    if wait <= 0:
+        return
+    say(f"⏸️  Holding training up to {wait:.0f}s for the preemption (Ray restarts the run from "
+        "the checkpoint once the node is gone)")
+    time.sleep(wait)
 
 
 def _deadline(info) -> str:
@@ -215,29 +238,44 @@ def _validate(accelerator, model, val_tokens, cfg: Config, rank: int, world: int
 
 
 def _choose_resume_source(plan: dict, say) -> tuple[Location, str] | None:
-    """An explicit --resume wins on the first attempt; Ray's own checkpoint on in-run retries.
+    """An explicit --resume wins on the first attempt; this launch's own newest checkpoint on
+    in-run retries (Ray restarting the worker group after a failure or a preemption).
 
     Ray's get_checkpoint() also returns the latest checkpoint of an *earlier* job with the same
     run name and storage, which would silently override --resume NAME: only a checkpoint
-    written by this launch (same launch_id) counts as an in-run retry.
+    written by this launch (same launch_id) counts as a retry's. And Ray only knows the
+    checkpoints its controller had processed before the failure: storage is checked too, so a
+    checkpoint that landed but was never registered is not lost (nor regenerated).
     """
+    candidates = []
     reported = ray.train.get_checkpoint()
     if reported is not None:
-        loc = Location(reported.filesystem, reported.path, reported.path)
+        loc = Location(reported.filesystem, reported.path,
+                       plan["run_uri"].rstrip("/") + "/" + os.path.basename(reported.path.rstrip("/")))
+        candidates.append(loc)
+    run = resolve(plan["run_uri"])
+    for entry in reversed(ckpt.list_checkpoints(run)):
+        result = ckpt.check(entry.loc)
+        if result.ok and result.metadata.get("launch_id") == plan["launch_id"]:
+            candidates.append(entry.loc)
+            break
+    own = []
+    for loc in candidates:
         try:
-            launch = ckpt.read_metadata(loc).get("launch_id")
+            meta = ckpt.read_metadata(loc)
         except Exception:
-            launch = None
-        if launch == plan["launch_id"]:
-            name = os.path.basename(reported.path.rstrip("/"))
-            say(f"🔁 Restarted by Ray: resuming from this run's latest checkpoint {name} "
-                f"(it wins over --resume on in-run retries)")
-            return Location(reported.filesystem, reported.path,
-                            plan["run_uri"].rstrip("/") + "/" + name), name
+            continue
+        if meta.get("launch_id") == plan["launch_id"]:
+            own.append((int(meta["step"]), loc))
+    if own:
+        step, loc = max(own, key=lambda x: x[0])
+        name = os.path.basename(loc.path.rstrip("/"))
+        say(f"🔁 Restarted by Ray: resuming from this run's latest checkpoint {name} "
+            f"(it wins over --resume on in-run retries)")
+        return loc, name
     if plan.get("resume"):
         r = plan["resume"]
-        loc = resolve(r["uri"])
-        return loc, r["name"]
+        return resolve(r["uri"]), r["name"]
     return None
 
 
@@ -314,10 +352,11 @@ def _save(plan, cfg, accelerator, model, optimizer, scheduler, state, epoch_plan
         "versions": {"torch": torch.__version__, "ray": ray.__version__},
         "preempted": preempted,  # saved because Ray announced a node's preemption
     }
-    checkpointing.save_local(folder, accelerator.unwrap_model(model), optimizer, scheduler, blobs,
-                             state, metadata)
+    saved = checkpointing.save_local(folder, accelerator.unwrap_model(model), optimizer, scheduler,
+                                     blobs, state, metadata)
     snapshot_s = time.time() - started
-    say(f"\n💾 Saved {name} locally in {snapshot_s:.2f}s; uploading "
+    size_mb = sum(f["size"] for f in saved["files"].values()) / 2**20
+    say(f"\n💾 Saved {name} locally in {snapshot_s:.2f}s (Checkpoint size {size_mb:.1f} MB); uploading "
         f"{'in the background' if mode is CheckpointUploadMode.ASYNC else 'now'}")
     ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder),
                      checkpoint_dir_name=str(name), checkpoint_upload_mode=mode,
@@ -340,6 +379,11 @@ def _upload_fn(plan: dict, cfg: Config):
                         storage.experiment_fs_path.rstrip("/") + "/" + dir_name,
                         run_uri.rstrip("/") + "/" + dir_name)
         started = time.time()
+        existing = ckpt.check(dest)
+        if existing.ok and existing.metadata.get("launch_id") == plan["launch_id"]:
+            # A retry regenerated a checkpoint this launch already wrote: same state, keep it.
+            _say(f"☁️  {dir_name} is already in storage from this run; keeping it")
+            return Checkpoint(path=dest.path, filesystem=dest.fs)
         ckpt.upload(checkpoint.path, dest)
         _say(f"☁️  Uploaded {dir_name} to {dest.uri} in {time.time() - started:.2f}s")
         run = Location(dest.fs, storage.experiment_fs_path, run_uri)

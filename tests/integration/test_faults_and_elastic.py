@@ -100,6 +100,9 @@ def test_two_worker_checkpoint_resumes_on_one_worker(runs, ray_address):
     l2 = torch.tensor([v for _, v in two["loss_history"][10:]], dtype=torch.float64)
     assert len(l1) == 14
     assert torch.allclose(l1, l2, rtol=1e-4, atol=0), (l1 - l2).abs().max()
+    w0 = load_file(source / "model.safetensors")
     w1 = load_file(runs.ckpt("elastic1", "checkpoint-epoch1-step24-files0") / "model.safetensors")
     w2 = load_file(runs.ckpt("elastic2", "checkpoint-epoch1-step24-files0") / "model.safetensors")
-    assert all(torch.allclose(w1[k], w2[k], rtol=1e-3, atol=1e-5) for k in w1)
+    for k in w1:  # the two runs differ by < 1% of how far the 14 steps moved each tensor
+        moved = (w1[k] - w0[k]).abs().max()
+        assert moved > 0 and (w1[k] - w2[k]).abs().max() <= 1e-2 * moved, k

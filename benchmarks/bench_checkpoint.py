@@ -1,0 +1,68 @@
+"""Checkpoint stall and overhead, through the real service, checkpoints to the GCS API server
+on loopback (fake-gcs-server), a model whose checkpoint is ~150 MB (weights + AdamW state).
+
+1. How long the train loop is blocked per checkpoint: asynchronous upload (Ray Train ASYNC,
+   our upload function in the background) against synchronous upload. Target: async <= 10%.
+2. Whole-run overhead of checkpointing every N steps against none, measured, and projected to
+   the production config's frequency (every 1000 steps). Target: <= 3.5% (CheckFreq).
+
+    python benchmarks/bench_checkpoint.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+from pathlib import Path
+
+import _common
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    steps, every = (6, 3) if args.quick else (24, 4)
+    model = (["model.d_model=128", "model.n_layer=2"] if args.quick
+             else ["model.d_model=512", "model.n_layer=4", "model.n_head=8"])
+    root = Path(tempfile.mkdtemp(prefix="bench-ckpt-"))
+    data = _common.make_corpus(root / "data", files=4, rows=400, sample_bytes=129)
+    sets = [*model, "model.seq_len=128", "data.prepare=none", "train.val_every=0",
+            f"data.path={data}", "checkpoint.preemption_check_every=0"]
+    gcs = _common.GcsServer()
+    try:
+        results = {}
+        for mode, ckpt_every in (("sync", every), ("async", every), ("none", 10_000)):
+            cmd = ["--config", "test", "--num-workers", 1, "--storage", f"gs://bench/{mode}",
+                   "--run-name", "r", "--max-steps", steps, "--checkpoint-every", ckpt_every,
+                   "--set", f"checkpoint.upload={'sync' if mode == 'sync' else 'async'}"]
+            for s in sets:
+                cmd += ["--set", s]
+            rc, out, _ = _common.run_cli(cmd, {"STORAGE_EMULATOR_HOST": gcs.url})
+            assert rc == 0, out[-3000:]
+            stalls = _common.floats(r"Training blocked ([\d.]+)s", out)
+            rate = _common.floats(r"steps after the first at ([\d.]+) steps/s", out)[0]
+            size = _common.floats(r"Checkpoint size ([\d.]+) MB", out)
+            results[mode] = (stalls, rate, size)
+    finally:
+        gcs.stop()
+    sync_stall = statistics.median(results["sync"][0][:-1] or results["sync"][0])
+    async_stall = statistics.median(results["async"][0][:-1] or results["async"][0])
+    size = results["async"][2][0] if results["async"][2] else float("nan")
+    print(f"checkpoint size {size:.0f} MB; {steps} steps, a checkpoint every {every}")
+    print(f"1. loop blocked per checkpoint: sync {sync_stall:.3f}s   async {async_stall:.3f}s   "
+          f"async/sync {async_stall / sync_stall:.3f} (target <= 0.10)  "
+          f"{'OK' if async_stall / sync_stall <= 0.10 else 'MISSED'}")
+    none_rate, async_rate = results["none"][1], results["async"][1]
+    measured = none_rate / async_rate - 1
+    step_s = 1 / none_rate
+    projected = async_stall / (1000 * step_s)
+    print(f"2. steps/s: no checkpoints {none_rate:.3f}   async every {every} {async_rate:.3f}   "
+          f"overhead {measured:+.1%} at every {every} steps")
+    print(f"   projected at the production frequency (every 1000 steps of {step_s:.2f}s): "
+          f"{projected:.2%} (target <= 3.5%)  {'OK' if projected <= 0.035 else 'MISSED'}")
+
+
+if __name__ == "__main__":
+    main()
