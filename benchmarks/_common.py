@@ -75,9 +75,12 @@ class GcsServer:
 
 
 def run_cli(args: list, env_extra: dict | None = None) -> tuple[int, str, float]:
-    """Run `python -m ray_job.train ARGS` with its own local Ray; (rc, output, start time)."""
+    """Run `python -m ray_job.train ARGS` with its own local Ray (or the cluster at
+    BENCH_RAY_ADDRESS, as the smoke tests do); (rc, output, start time)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update({"PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", **(env_extra or {})})
+    if os.environ.get("BENCH_RAY_ADDRESS"):
+        env.update({"RAY_ADDRESS": os.environ["BENCH_RAY_ADDRESS"], "RAY_AUTH_MODE": "token"})
     started = time.time()
     p = subprocess.run([sys.executable, "-m", "ray_job.train", *map(str, args)], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=3600)

@@ -1,0 +1,25 @@
+"""Every benchmark script runs end to end in --quick mode and prints its ratios (no timing
+targets are asserted here: those belong to benchmarks/RESULTS.md, measured side by side)."""
+
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, _env
+
+SCRIPTS = {
+    "bench_resume_skip.py": ["skip_first_batches@90% / ours@90%:", "ours@90% / ours@0%:"],
+    "bench_training.py": ["ratio", "resume / fresh:"],
+    "bench_checkpoint.py": ["async/sync", "projected at the production frequency"],
+}
+
+
+@pytest.mark.parametrize("script", sorted(SCRIPTS))
+def test_benchmark_quick(script, ray_address):
+    p = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), "--quick"], cwd=REPO,
+                       env=_env(BENCH_RAY_ADDRESS=ray_address), capture_output=True, text=True,
+                       timeout=900)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+    for marker in SCRIPTS[script]:
+        assert marker in p.stdout, p.stdout
