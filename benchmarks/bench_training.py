@@ -85,8 +85,10 @@ def main() -> None:
         batch = _common.floats(r"first batch read in ([\d.]+)s", out)[0]
         fetch = (_common.floats(r"\(fetch ([\d.]+)s", out) or [0.0])[0]
         load_s = (_common.floats(r"state load ([\d.]+)s\)", out) or [0.0])[0]
-        return {"total": first_step - start, "ray+workers": loop - start, "fetch": fetch,
-                "state load": load_s, "first batch": batch}
+        parts = {"total": first_step - start, "ray+workers": loop - start, "fetch": fetch,
+                 "state load": load_s, "first batch": batch}
+        parts["setup+step"] = parts["total"] - sum(v for k, v in parts.items() if k != "total")
+        return parts  # setup+step: model build, Accelerate/DDP wrap, the first forward/backward
 
     a, b = split(fresh, fresh_start), split(resumed, resume_start)
     print("2. job start -> first step (s):      " + "  ".join(f"{k} {v:6.2f}" for k, v in a.items()))

@@ -58,7 +58,12 @@ def restore_rng(path: str) -> None:
 
 def save_local(folder: str, model: torch.nn.Module, optimizer, scheduler, rng_states: list[bytes],
                state: TrainState, metadata: dict) -> dict:
-    """Write every file of a checkpoint into folder; metadata.json (with the manifest) last."""
+    """Write every data file of a checkpoint into folder; return the metadata to commit.
+
+    Hashing the files and writing metadata.json (``storage.checkpoint.write_metadata``) is left
+    to the caller: the upload runs it in the background, so training waits only for the
+    serialization (a third of a sync stall at ~150 MB, measured in benchmarks/).
+    """
     os.makedirs(folder, exist_ok=True)
     weights = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     save_file(weights, os.path.join(folder, ckpt.MODEL))
@@ -69,7 +74,7 @@ def save_local(folder: str, model: torch.nn.Module, optimizer, scheduler, rng_st
             f.write(blob)
     with open(os.path.join(folder, ckpt.METRICS), "w") as f:
         json.dump(state.metrics_dict(), f)
-    return ckpt.write_metadata(folder, {**metadata, **state.progress_dict()})
+    return {**metadata, **state.progress_dict()}
 
 
 def load_model(folder: str, model: torch.nn.Module) -> None:

@@ -352,20 +352,20 @@ def _save(plan, cfg, accelerator, model, optimizer, scheduler, state, epoch_plan
         "versions": {"torch": torch.__version__, "ray": ray.__version__},
         "preempted": preempted,  # saved because Ray announced a node's preemption
     }
-    saved = checkpointing.save_local(folder, accelerator.unwrap_model(model), optimizer, scheduler,
-                                     blobs, state, metadata)
+    to_commit = checkpointing.save_local(folder, accelerator.unwrap_model(model), optimizer,
+                                         scheduler, blobs, state, metadata)
     snapshot_s = time.time() - started
-    size_mb = sum(f["size"] for f in saved["files"].values()) / 2**20
+    size_mb = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder)) / 2**20
     say(f"\n💾 Saved {name} locally in {snapshot_s:.2f}s (Checkpoint size {size_mb:.1f} MB); uploading "
         f"{'in the background' if mode is CheckpointUploadMode.ASYNC else 'now'}")
     ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder),
                      checkpoint_dir_name=str(name), checkpoint_upload_mode=mode,
                      delete_local_checkpoint_after_upload=True,
-                     checkpoint_upload_fn=_upload_fn(plan, cfg))
+                     checkpoint_upload_fn=_upload_fn(plan, cfg, to_commit))
     say(f"⏱️  Training blocked {time.time() - started:.3f}s for {name} ({mode.value.lower()} upload)")
 
 
-def _upload_fn(plan: dict, cfg: Config):
+def _upload_fn(plan: dict, cfg: Config, to_commit: dict):
     run_uri = plan["run_uri"]
     resumed = plan.get("resume") or {}
     policy = retention.Policy(
@@ -384,6 +384,7 @@ def _upload_fn(plan: dict, cfg: Config):
             # A retry regenerated a checkpoint this launch already wrote: same state, keep it.
             _say(f"☁️  {dir_name} is already in storage from this run; keeping it")
             return Checkpoint(path=dest.path, filesystem=dest.fs)
+        ckpt.write_metadata(checkpoint.path, to_commit)  # hashes: here, off the training thread
         ckpt.upload(checkpoint.path, dest)
         _say(f"☁️  Uploaded {dir_name} to {dest.uri} in {time.time() - started:.2f}s")
         run = Location(dest.fs, storage.experiment_fs_path, run_uri)

