@@ -57,10 +57,15 @@ def main() -> None:
     none_rate, async_rate = results["none"][1], results["async"][1]
     measured = none_rate / async_rate - 1
     step_s = 1 / none_rate
-    projected = async_stall / (1000 * step_s)
+    # Per checkpoint, everything it cost the run: the stall plus the slower steps while the
+    # upload competes for the CPUs (the throughput dip), from the two whole-run rates.
+    saves = len(results["async"][0])
+    per_ckpt = ((steps - 1) / async_rate - (steps - 1) / none_rate) / saves
+    projected = per_ckpt / (1000 * step_s)
     print(f"2. steps/s: no checkpoints {none_rate:.3f}   async every {every} {async_rate:.3f}   "
           f"overhead {measured:+.1%} at every {every} steps")
-    print(f"   projected at the production frequency (every 1000 steps of {step_s:.2f}s): "
+    print(f"   cost per checkpoint incl. the dip {per_ckpt:.2f}s; projected at the production "
+          f"frequency (every 1000 steps of {step_s:.2f}s): "
           f"{projected:.2%} (target <= 3.5%)  {'OK' if projected <= 0.035 else 'MISSED'}")
 
 
