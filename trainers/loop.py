@@ -244,35 +244,23 @@ def _choose_resume_source(plan: dict, say) -> tuple[Location, str] | None:
     Ray's get_checkpoint() also returns the latest checkpoint of an *earlier* job with the same
     run name and storage, which would silently override --resume NAME: only a checkpoint
     written by this launch (same launch_id) counts as a retry's. And Ray only knows the
-    checkpoints its controller had processed before the failure: storage is checked too, so a
-    checkpoint that landed but was never registered is not lost (nor regenerated).
+    checkpoints its controller had processed before the failure, while every checkpoint it
+    registered is complete in storage (our upload writes metadata.json last, then returns): so
+    storage alone answers, and a checkpoint that landed unregistered is not lost (nor
+    regenerated). The driver refused any complete checkpoint newer than the resume point, so
+    the newest complete one in the run decides: it is this launch's, or none is.
     """
-    candidates = []
-    reported = ray.train.get_checkpoint()
-    if reported is not None:
-        loc = Location(reported.filesystem, reported.path,
-                       plan["run_uri"].rstrip("/") + "/" + os.path.basename(reported.path.rstrip("/")))
-        candidates.append(loc)
     run = resolve(plan["run_uri"])
     for entry in reversed(ckpt.list_checkpoints(run)):
         result = ckpt.check(entry.loc)
-        if result.ok and result.metadata.get("launch_id") == plan["launch_id"]:
-            candidates.append(entry.loc)
-            break
-    own = []
-    for loc in candidates:
-        try:
-            meta = ckpt.read_metadata(loc)
-        except Exception:
-            continue
-        if meta.get("launch_id") == plan["launch_id"]:
-            own.append((int(meta["step"]), loc))
-    if own:
-        step, loc = max(own, key=lambda x: x[0])
-        name = os.path.basename(loc.path.rstrip("/"))
-        say(f"🔁 Restarted by Ray: resuming from this run's latest checkpoint {name} "
-            f"(it wins over --resume on in-run retries)")
-        return loc, name
+        if not result.ok:
+            continue  # a save in flight or killed mid-upload
+        if result.metadata.get("launch_id") == plan["launch_id"]:
+            name = str(entry.name)
+            say(f"🔁 Restarted by Ray: resuming from this run's latest checkpoint {name} "
+                f"(it wins over --resume on in-run retries)")
+            return entry.loc, name
+        break
     if plan.get("resume"):
         r = plan["resume"]
         return resolve(r["uri"]), r["name"]
