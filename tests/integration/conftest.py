@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -14,14 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from storage.emulator import free_port
+
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env(**extra) -> dict:
@@ -41,7 +36,7 @@ class Cluster:
 
 @pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory):
-    port, dash = _free_port(), _free_port()
+    port, dash = free_port(), free_port()
     temp = tmp_path_factory.mktemp("ray")
     cmd = [str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
            "--num-cpus=4", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
