@@ -40,21 +40,42 @@ def load(name_or_yaml: str) -> Config:
     if name_or_yaml in PRESETS:
         return PRESETS[name_or_yaml]()
     if name_or_yaml.endswith((".yaml", ".yml")):
-        import yaml
-
-        if not os.path.isfile(name_or_yaml):
-            raise ConfigError(f"--config {name_or_yaml}: no such file")
-        with open(name_or_yaml) as f:
-            data = yaml.safe_load(f) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"--config {name_or_yaml}: expected a mapping at the top level")
+        data = _read_yaml(name_or_yaml)
         base_name = data.pop("base", "test")
-        if base_name not in PRESETS:
-            raise ConfigError(f"--config {name_or_yaml}: unknown base '{base_name}' "
+        if not isinstance(base_name, str) or base_name not in PRESETS:
+            raise ConfigError(f"--config {name_or_yaml}: unknown base {base_name!r} "
                               f"(known: {', '.join(PRESETS)})")
         data.setdefault("name", os.path.splitext(os.path.basename(name_or_yaml))[0])
-        return with_overrides(PRESETS[base_name](), data)
+        try:
+            return with_overrides(PRESETS[base_name](), data)
+        except ConfigError as e:
+            raise ConfigError(f"--config {name_or_yaml}: {e}") from None
     raise ConfigError(
         f"--config {name_or_yaml}: unknown config (known: {', '.join(PRESETS)}, or a .yaml file)"
     )
 
+
+def _read_yaml(path: str) -> dict:
+    """The file's top-level mapping; any unreadable file is a ConfigError naming it, one line."""
+    import yaml
+
+    if not os.path.isfile(path):
+        raise ConfigError(f"--config {path}: no such file")
+    try:
+        with open(path, "rb") as f:
+            text = f.read().decode("utf-8")
+        data = yaml.safe_load(text)
+    except OSError as e:
+        raise ConfigError(f"--config {path}: cannot read it ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"--config {path}: not UTF-8 text (byte {e.start})") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        what = " ".join(str(getattr(e, "problem", None) or type(e).__name__).split())
+        raise ConfigError(f"--config {path}: not valid YAML{where} ({what})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path}: expected a mapping at the top level")
+    return data

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
+import unicodedata
 from dataclasses import dataclass, field
 
 
@@ -15,6 +17,37 @@ class ConfigError(ValueError):
 def _require(ok: bool, key: str, message: str) -> None:
     if not ok:
         raise ConfigError(f"{key}: {message}")
+
+
+def _finite(x: float) -> bool:
+    return math.isfinite(x)
+
+
+def path_component_problem(text) -> str | None:
+    """Why text cannot be one folder name under --storage (None if it can).
+
+    Run and config names become `{storage}/{name}/`: `..`, a `/` or a leading dot would put
+    a run (and retention's deletes) outside --storage or hide it.
+    """
+    if not isinstance(text, str) or not text:
+        return "must not be empty"
+    if text in (".", ".."):
+        return f"{text!r} is not a folder name"
+    if "/" in text or "\\" in text:
+        return f"{text!r} must be one folder name, without '/' or '\\'"
+    if text.startswith("."):
+        return f"{text!r} must not start with '.'"
+    if any(unicodedata.category(ch) == "Cc" for ch in text):
+        return f"{text!r} must not contain control characters"
+    if len(text.encode("utf-8")) > 200:
+        return f"{text[:20]!r}... is longer than 200 bytes"
+    return None
+
+
+def _safe_name(text: str, key: str) -> None:
+    problem = path_component_problem(text)
+    _require(problem is None, key,
+             f"{problem}; use letters, digits, '-', '_' or '.' inside (e.g. exp-1)")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -34,7 +67,7 @@ class ModelConfig:
 
     def __post_init__(self):
         _require(self.d_model % self.n_head == 0, "model.d_model", "must be a multiple of model.n_head")
-        _require(0.0 <= self.dropout < 1.0, "model.dropout", "must be in [0, 1)")
+        _require(0.0 <= self.dropout < 1.0, "model.dropout", "must be in [0, 1)")  # nan fails too
         for name in ("vocab_size", "seq_len", "n_layer", "n_head", "d_model"):
             _require(getattr(self, name) > 0, f"model.{name}", "must be positive")
 
@@ -60,6 +93,7 @@ class DataConfig:
         _require(self.prepare in ("stdlib", "none"), "data.prepare", "must be 'stdlib' or 'none'")
         for name in ("train_files", "samples_per_file", "val_samples", "row_group_size"):
             _require(getattr(self, name) > 0, f"data.{name}", "must be positive")
+        _require(self.shuffle_seed >= 0, "data.shuffle_seed", "must be >= 0")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -78,7 +112,13 @@ class OptimConfig:
     """Global gradient-norm clip; 0 disables it."""
 
     def __post_init__(self):
-        _require(self.lr > 0, "optim.lr", "must be positive")
+        _require(_finite(self.lr) and self.lr > 0, "optim.lr", f"must be a positive number, got {self.lr}")
+        _require(_finite(self.weight_decay) and self.weight_decay >= 0, "optim.weight_decay",
+                 f"must be >= 0, got {self.weight_decay}")
+        _require(0.0 <= self.min_lr_ratio <= 1.0, "optim.min_lr_ratio",
+                 f"must be in [0, 1] (a fraction of optim.lr), got {self.min_lr_ratio}")
+        _require(_finite(self.grad_clip) and self.grad_clip >= 0, "optim.grad_clip",
+                 f"must be >= 0 (0 disables clipping), got {self.grad_clip}")
         _require(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
         _require(self.decay_steps > self.warmup_steps, "optim.decay_steps", "must exceed optim.warmup_steps")
 
@@ -110,6 +150,9 @@ class TrainConfig:
                  "must be 'no', 'bf16' or 'fp16'")
         _require(self.log_every > 0, "train.log_every", "must be positive")
         _require(self.val_every >= 0, "train.val_every", "must be >= 0")
+        _require(self.val_every == 0 or self.val_batch_size > 0, "train.val_batch_size",
+                 "must be positive while validation is on (train.val_every=0 turns it off)")
+        _require(self.seed >= 0, "train.seed", "must be >= 0")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -125,7 +168,8 @@ class ScalingConfig:
 
     def __post_init__(self):
         _require(self.num_workers > 0, "scaling.num_workers", "must be positive")
-        _require(self.cpus_per_worker > 0, "scaling.cpus_per_worker", "must be positive")
+        _require(_finite(self.cpus_per_worker) and self.cpus_per_worker > 0, "scaling.cpus_per_worker",
+                 "must be positive")
         _require(self.placement_strategy in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
                  "scaling.placement_strategy", "must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD")
 
@@ -156,10 +200,16 @@ class CheckpointConfig:
         _require(self.every > 0, "checkpoint.every", "must be positive")
         _require(self.upload in ("async", "sync"), "checkpoint.upload", "must be 'async' or 'sync'")
         _require(self.max_failures >= -1, "checkpoint.max_failures", "must be >= -1 (-1: no limit)")
-        _require("/" not in self.run_name, "checkpoint.run_name", "must not contain '/'")
+        if self.run_name:  # empty: the config's name, checked on Config
+            _safe_name(self.run_name, "checkpoint.run_name")
         _require(self.keep_last >= 0, "checkpoint.keep_last", "must be >= 0")
         _require(self.preemption_check_every >= 0, "checkpoint.preemption_check_every", "must be >= 0")
+        _require(_finite(self.preemption_wait_s) and self.preemption_wait_s >= 0,
+                 "checkpoint.preemption_wait_s", "must be >= 0")
         _require(self.keep_best >= 0, "checkpoint.keep_best", "must be >= 0")
+        _require(self.keep_best == 0 or self.keep_last > 0, "checkpoint.keep_best",
+                 "needs checkpoint.keep_last > 0 (keep_last=0 keeps every checkpoint, so "
+                 "keep_best would do nothing)")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -174,6 +224,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def __post_init__(self):
+        _safe_name(self.name, "name")
         per_step = self.scaling.num_workers * self.train.grad_accum_steps
         _require(self.train.global_batch_size % per_step == 0, "train.global_batch_size",
                  f"{self.train.global_batch_size} is not a multiple of scaling.num_workers x "
@@ -198,6 +249,11 @@ def _coerce(value, annotation, key: str):
         _require(isinstance(value, int) and not isinstance(value, bool), key,
                  f"expected an integer, got {value!r}")
     elif hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                value = float(value.strip())
+            except ValueError:
+                pass
         _require(isinstance(value, (int, float)) and not isinstance(value, bool), key,
                  f"expected a number, got {value!r}")
         value = float(value)
@@ -246,7 +302,12 @@ def _scalar(raw: str, yaml):
             return kind(raw)
         except ValueError:
             pass
-    return yaml.safe_load(raw) if raw != "" else ""
+    if raw == "" or any(unicodedata.category(ch) == "Cc" for ch in raw):
+        return raw  # YAML would fold a newline away or raise: keep the text for the checks
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw  # e.g. '[1,': not a YAML scalar, so the text as given
 
 
 def parse_set(assignments: list[str]) -> dict:

@@ -12,6 +12,7 @@ import json
 import os
 import sys
 
+from configs.schema import path_component_problem
 from ray_job.errors import UserError
 from storage import checkpoint as ckpt
 from storage.location import Location, StorageUnreachable, join, probe, resolve
@@ -27,6 +28,9 @@ def _run(args) -> Location:
         probe(storage)
     except StorageUnreachable as e:
         raise UserError(f"--storage {e}") from None
+    problem = path_component_problem(args.run_name)
+    if problem is not None:  # `..` would list (and show) folders outside --storage
+        raise UserError(f"--run-name {problem}")
     return storage.child(args.run_name)
 
 

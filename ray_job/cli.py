@@ -41,6 +41,9 @@ def resolve_config(args: argparse.Namespace) -> Config:
         flags.setdefault("train", {})["max_steps"] = args.max_steps
     if args.storage is not None:
         flags.setdefault("checkpoint", {})["storage"] = args.storage
+    if args.run_name == "":  # the config's default would be used silently
+        raise ConfigError("--run-name (checkpoint.run_name): must not be empty; omit the flag to "
+                          "use the config's name")
     if args.run_name is not None:
         flags.setdefault("checkpoint", {})["run_name"] = args.run_name
     if args.num_workers is not None:
@@ -53,7 +56,8 @@ def resolve_config(args: argparse.Namespace) -> Config:
         return with_overrides(cfg, _merge(flags, parse_set(args.set)))  # validated once, at the end
     except ConfigError as e:
         flag = {"train.max_steps": "--max-steps", "scaling.num_workers": "--num-workers",
-                "checkpoint.every": "--checkpoint-every", "checkpoint.max_failures": "--max-failures", "checkpoint.run_name": "--run-name"}
+                "checkpoint.every": "--checkpoint-every", "checkpoint.max_failures": "--max-failures",
+                "checkpoint.run_name": "--run-name"}
         msg = str(e)
         for key, name in flag.items():
             if msg.startswith(key + ":"):

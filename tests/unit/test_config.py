@@ -265,3 +265,113 @@ def test_bad_yaml_files_fail_naming_the_problem(tmp_path, text, needle):
 def test_missing_yaml_file(tmp_path):
     with pytest.raises(ConfigError, match="no such file"):
         load(str(tmp_path / "missing.yaml"))
+
+
+# --- hardening (issue 10): names that escape, ranges, YAML that breaks ---------------------------
+
+UNSAFE_NAMES = ["..", ".", "../escaped", "a/b", "a\\b", ".hidden", "a\nb", "tab\there", "nul\x00",
+                "x" * 201]
+
+
+@pytest.mark.parametrize("bad", UNSAFE_NAMES)
+def test_run_name_must_be_one_safe_folder_name(bad):
+    with pytest.raises(ConfigError) as err:
+        cli("--run-name", bad)
+    assert str(err.value).startswith("--run-name (checkpoint.run_name):")
+    assert "\n" not in str(err.value)  # one line on stderr, even for a name holding a newline
+
+
+@pytest.mark.parametrize("bad", UNSAFE_NAMES + [""])
+def test_config_name_must_be_one_safe_folder_name(bad):
+    with pytest.raises(ConfigError) as err:
+        cli("--set", f"name={bad}")
+    assert str(err.value).startswith("name:")
+    assert "\n" not in str(err.value)
+
+
+def test_empty_run_name_flag_is_refused_not_silently_the_default():
+    with pytest.raises(ConfigError, match="^--run-name"):
+        cli("--run-name", "")
+
+
+@pytest.mark.parametrize("good", ["exp-1", "run_2.b", "a..b", "Ünïcode", "x" * 200])
+def test_ordinary_names_pass(good):
+    assert cli("--run-name", good).run_name == good
+    assert cli("--set", f"name={good}").run_name == good
+
+
+def test_yaml_name_and_file_derived_name_are_checked(tmp_path):
+    path = tmp_path / "x.yaml"
+    path.write_text("name: ../escaped\n")
+    with pytest.raises(ConfigError) as err:
+        load(str(path))
+    assert "name:" in str(err.value) and str(path) in str(err.value)
+    hidden = tmp_path / ".hidden.yaml"
+    hidden.write_text("train:\n  max_steps: 3\n")
+    with pytest.raises(ConfigError, match="must not start with '.'"):
+        load(str(hidden))
+
+
+@pytest.mark.parametrize("assignment,key", [
+    ("optim.lr=inf", "optim.lr"), ("optim.lr=nan", "optim.lr"), ("optim.lr=-1e-3", "optim.lr"),
+    ("optim.lr=0", "optim.lr"), ("optim.weight_decay=-5", "optim.weight_decay"),
+    ("optim.weight_decay=inf", "optim.weight_decay"), ("optim.min_lr_ratio=5", "optim.min_lr_ratio"),
+    ("optim.min_lr_ratio=-0.1", "optim.min_lr_ratio"), ("optim.min_lr_ratio=nan", "optim.min_lr_ratio"),
+    ("optim.grad_clip=-1", "optim.grad_clip"), ("optim.grad_clip=nan", "optim.grad_clip"),
+    ("train.val_batch_size=0", "train.val_batch_size"), ("data.shuffle_seed=-1", "data.shuffle_seed"),
+    ("train.seed=-1", "train.seed"), ("checkpoint.keep_best=2", "checkpoint.keep_best"),
+    ("checkpoint.preemption_wait_s=-1", "checkpoint.preemption_wait_s"),
+    ("scaling.cpus_per_worker=inf", "scaling.cpus_per_worker"),
+])
+def test_out_of_range_values_are_refused_naming_the_key(assignment, key):
+    with pytest.raises(ConfigError) as err:
+        cli("--set", assignment)
+    assert str(err.value).startswith(key + ":"), str(err.value)
+
+
+def test_edge_values_that_are_fine():
+    cfg = cli("--set", "optim.min_lr_ratio=0", "--set", "optim.grad_clip=0", "--set", "optim.weight_decay=0",
+              "--set", "train.val_every=0", "--set", "train.val_batch_size=0")
+    assert cfg.optim.min_lr_ratio == 0 and cfg.train.val_batch_size == 0
+    assert cli("--set", "optim.min_lr_ratio=1").optim.min_lr_ratio == 1.0
+    cfg = cli("--set", "checkpoint.keep_last=3", "--set", "checkpoint.keep_best=2")
+    assert (cfg.checkpoint.keep_last, cfg.checkpoint.keep_best) == (3, 2)
+
+
+def test_yaml_1_1_exponent_without_a_dot_is_a_number(tmp_path):
+    path = tmp_path / "lr.yaml"
+    path.write_text("optim:\n  lr: 1e-3\n  weight_decay: 5E-2\nmodel:\n  dropout: 0\n")
+    cfg = load(str(path))
+    assert cfg.optim.lr == pytest.approx(1e-3) and isinstance(cfg.optim.lr, float)
+    assert cfg.optim.weight_decay == pytest.approx(5e-2)
+    path.write_text("optim:\n  lr: fast\n")
+    with pytest.raises(ConfigError, match="optim.lr: expected a number, got 'fast'"):
+        load(str(path))
+    path.write_text("train:\n  max_steps: 1e3\n")  # an int field stays strict
+    with pytest.raises(ConfigError, match="train.max_steps"):
+        load(str(path))
+
+
+@pytest.mark.parametrize("content,needle", [
+    (b"optim: [1,\n", "not valid YAML at line 2"),
+    (b"train:\n  max_steps: 5\n bad indent: 1\n", "not valid YAML"),
+    (b"name: \xff\xfe\x00\n", "not UTF-8"),
+    (b"base: [test]\n", "unknown base ['test']"),
+    (b"base: {a: 1}\n", "unknown base"),
+    (b"base: 5\n", "unknown base 5"),
+    (b"x: !!python/object/apply:os.system ['true']\n", "not valid YAML"),
+    (b"just a string\n", "expected a mapping"),
+])
+def test_broken_yaml_is_a_config_error_naming_the_file(tmp_path, content, needle):
+    path = tmp_path / "broken.yaml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError) as err:
+        load(str(path))
+    msg = str(err.value)
+    assert needle in msg and str(path) in msg and "\n" not in msg, msg
+
+
+def test_yaml_that_is_a_folder_is_no_such_file(tmp_path):
+    (tmp_path / "dir.yaml").mkdir()
+    with pytest.raises(ConfigError, match="no such file"):
+        load(str(tmp_path / "dir.yaml"))
