@@ -5,17 +5,28 @@ it is *complete*: ``metadata.json`` exists, is written last, and lists every oth
 the checkpoint with its size and sha256, and every listed file is there with that size
 (and, when hashes are checked, that sha256). ``check`` is the one definition of complete:
 ``latest``, ``list``, resume and retention all call it.
+
+Nothing in a checkpoint is trusted before ``check`` has read it: the manifest's names must be
+plain relative paths inside the folder, metadata.json must have the schema below with sane
+ranges, list every file a worker loads, and agree with the folder's name. Anything else is
+corrupt, with the reason, and never reaches a worker.
 """
 
 from __future__ import annotations
 
 import base64
 import enum
+import errno
 import hashlib
 import json
 import os
+import posixpath
+import re
 import shutil
+import tempfile
 import time
+import unicodedata
+import uuid
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -36,6 +47,12 @@ _CHUNK = 8 << 20
 
 def rng_file(rank: int) -> str:
     return f"rng_state_rank{rank}.pt"
+
+
+def loaded_files(world_size: int) -> list[str]:
+    """Every file trainers/checkpointing.py reads back on resume: each must be in the manifest,
+    so that its size and hash are checked (an emptied manifest cannot switch the checks off)."""
+    return [MODEL, OPTIMIZER, SCHEDULER, METRICS] + [rng_file(r) for r in range(world_size)]
 
 
 class CheckpointError(Exception):
@@ -92,11 +109,24 @@ def write_metadata(local_dir: str, metadata: dict) -> dict:
                 continue
             files[rel] = {"size": os.path.getsize(full), **_digests(full)}
     metadata = {**metadata, "format_version": FORMAT_VERSION, "files": files}
-    tmp = os.path.join(local_dir, METADATA + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(metadata, f, indent=2, sort_keys=True)
-    os.replace(tmp, os.path.join(local_dir, METADATA))  # atomic on a local disk
+    # A temp name of our own (never a fixed one another writer could share), then a rename:
+    # this is the local snapshot, which a retry may write again, so replacing is intended here.
+    fd, tmp = tempfile.mkstemp(dir=local_dir, prefix=f".{METADATA}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(metadata, f, indent=2, sort_keys=True)
+        os.replace(tmp, os.path.join(local_dir, METADATA))  # atomic on a local disk
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
     return metadata
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def _read_json(fs: pafs.FileSystem, path: str) -> dict:
@@ -120,21 +150,141 @@ def _sha256_remote(fs: pafs.FileSystem, path: str) -> str:
     return digest.hexdigest()
 
 
+_MAX_INT = 2**63 - 1  # what torch and numpy can hold; JSON integers are unbounded
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def rel_name_problem(rel) -> str | None:
+    """Why rel is not a plain relative file name inside a checkpoint (None if it is)."""
+    if not isinstance(rel, str) or not rel:
+        return "an empty name"
+    if "\\" in rel:
+        return "a backslash"
+    if rel.startswith("/"):
+        return "an absolute path"
+    if any(part in ("", ".", "..") for part in rel.split("/")):
+        return "an empty, '.' or '..' path segment"
+    if any(unicodedata.category(ch) == "Cc" for ch in rel):
+        return "a control character"
+    if rel == METADATA:
+        return "metadata.json listing itself"
+    return None
+
+
+def _manifest_problem(manifest) -> str | None:
+    if not isinstance(manifest, dict):
+        return "its file list is not a mapping"
+    for rel, entry in manifest.items():
+        problem = rel_name_problem(rel)
+        if problem is not None:
+            return f"its file list names {rel!r}: {problem} (only plain names inside the checkpoint)"
+        if not (isinstance(entry, dict) and _is_int(entry.get("size")) and 0 <= entry["size"] <= _MAX_INT
+                and isinstance(entry.get("sha256"), str) and _SHA256.fullmatch(entry["sha256"])
+                and isinstance(entry.get("md5", ""), str)):
+            return f"its file list entry for {rel!r} is malformed (needs size and a sha256 hex digest)"
+    return None
+
+
+def _int_field(metadata: dict, key: str, low: int = 0) -> str | None:
+    if key not in metadata:
+        return f"{key} is missing"
+    value = metadata[key]
+    if not _is_int(value):
+        return f"{key} is {value!r}, not an integer"
+    if not low <= value <= _MAX_INT:
+        return f"{key} is {value}, out of range (>= {low})"
+    return None
+
+
+def _metadata_problem(metadata: dict, folder: str) -> str | None:
+    """Why metadata (a JSON object) is not a checkpoint's metadata for a folder named folder."""
+    if metadata.get("format_version") != FORMAT_VERSION:
+        return f"format_version is {metadata.get('format_version')!r}; this code reads {FORMAT_VERSION}"
+    for key, low in (("step", 0), ("epoch", 0), ("samples_in_epoch", 0), ("files_processed", 0),
+                     ("world_size", 1), ("global_batch_size", 1)):
+        problem = _int_field(metadata, key, low)
+        if problem is not None:
+            return problem
+    config = metadata.get("config")
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
+        return f"config is {_short(config)}, not a config with a model section"
+    index = metadata.get("data_index")
+    if not (isinstance(index, dict) and isinstance(index.get("files"), list)
+            and isinstance(index.get("rows"), list)
+            and all(isinstance(f, str) for f in index["files"])
+            and all(_is_int(r) and 0 <= r <= _MAX_INT for r in index["rows"])
+            and len(index["files"]) == len(index["rows"])):
+        return f"data_index is {_short(index)}, not {{files: [paths], rows: [counts]}} of one length"
+    for key in ("best_loss", "best_val_loss", "train_loss", "val_loss"):
+        if metadata.get(key) is not None and not _is_number(metadata[key]):
+            return f"{key} is {_short(metadata[key])}, not a number"
+    for key in ("name", "launch_id", "run_name", "created_at"):
+        if key in metadata and not isinstance(metadata[key], str):
+            return f"{key} is {_short(metadata[key])}, not a string"
+    resumed = metadata.get("resumed_from")
+    if resumed is not None and not (isinstance(resumed, dict) and isinstance(resumed.get("name"), str)):
+        return f"resumed_from is {_short(resumed)}, not {{name, uri}}"
+    # The data cursor: whole global batches, inside the epoch (the last batch ends the epoch).
+    batch, cursor, total = metadata["global_batch_size"], metadata["samples_in_epoch"], sum(index["rows"])
+    if cursor % batch or cursor + batch > total:
+        return (f"samples_in_epoch {cursor} is not a whole number of global batches "
+                f"({batch}) inside an epoch of {total} samples")
+    if metadata["files_processed"] > len(index["files"]):
+        return (f"files_processed {metadata['files_processed']} exceeds the "
+                f"{len(index['files'])} data files")
+    # The folder's name and the metadata say the same thing.
+    name = CheckpointName.try_parse(folder)
+    if name is None:
+        return f"the folder name {folder!r} is not a checkpoint name (checkpoint-epoch{{E}}-step{{S}}-files{{F}})"
+    said = (metadata["epoch"], metadata["step"], metadata["files_processed"])
+    if (name.epoch, name.step, name.files) != said:
+        return (f"the folder is {folder} but metadata.json says epoch {said[0]}, step {said[1]}, "
+                f"files {said[2]}")
+    if metadata.get("name", folder) != folder:
+        return f"the folder is {folder} but metadata.json names {metadata['name']!r}"
+    manifest = metadata["files"]
+    if metadata["world_size"] > len(manifest):
+        return f"world_size {metadata['world_size']} but only {len(manifest)} files are listed"
+    unlisted = [rel for rel in loaded_files(metadata["world_size"]) if rel not in manifest]
+    if unlisted:
+        return f"its file list lacks {', '.join(unlisted)} (every checkpoint has them)"
+    return None
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def check(loc: Location, verify_hashes: bool = False) -> CheckResult:
     """Decide whether the checkpoint at loc is complete. Never raises for a bad checkpoint."""
     meta_path = join(loc.path, METADATA)
     if not _exists(loc.fs, meta_path):
         return CheckResult(Status.INCOMPLETE, f"{METADATA} is missing (the save never finished)")
+    if loc.fs.get_file_info(meta_path).type != pafs.FileType.File:
+        return CheckResult(Status.CORRUPT, f"{METADATA} is not a file")
     try:
         metadata = _read_json(loc.fs, meta_path)
-        manifest = metadata["files"]
-        if not isinstance(manifest, dict) or not all(
-            isinstance(v, dict) and isinstance(v.get("size"), int) and isinstance(v.get("sha256"), str)
-            for v in manifest.values()
-        ):
-            raise ValueError("its file list is malformed")
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        return CheckResult(Status.CORRUPT, f"{METADATA} is unreadable: {e}")
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+        return CheckResult(Status.CORRUPT, f"{METADATA} is unreadable: {type(e).__name__}: {e}")
+    if not isinstance(metadata, dict):
+        return CheckResult(Status.CORRUPT, f"{METADATA} is unreadable: not a JSON object")
+    if "files" not in metadata:
+        return CheckResult(Status.CORRUPT, f"{METADATA} is unreadable: it has no file list")
+    # Untrusted until here: a corrupt checkpoint's metadata is not handed on (no caller sees it).
+    problem = _manifest_problem(metadata["files"]) or _metadata_problem(
+        metadata, posixpath.basename(loc.path.rstrip("/")))
+    if problem is not None:
+        return CheckResult(Status.CORRUPT, f"{METADATA} is invalid: {problem}")
+    manifest = metadata["files"]
     infos = {}
     selector = pafs.FileSelector(loc.path, recursive=True)
     for info in loc.fs.get_file_info(selector):
@@ -204,8 +354,10 @@ def latest_complete(run: Location) -> Entry | None:
 def upload(local_dir: str, dest: Location) -> None:
     """Copy a finished local checkpoint to dest: every data file first, metadata.json last.
 
-    Refuses to replace a checkpoint that already has a metadata.json: a checkpoint is
-    never overwritten.
+    Refuses to replace a checkpoint that already has a metadata.json: a checkpoint is never
+    overwritten. metadata.json is created only where none is (a hard link on local disk,
+    ``if_generation_match=0`` on GCS), so of two writers that both got past the first look,
+    the second fails loudly at its commit instead of replacing the first's.
     """
     if _exists(dest.fs, join(dest.path, METADATA)):
         raise CheckpointError(f"refusing to overwrite the existing checkpoint {dest.uri}")
@@ -222,19 +374,50 @@ def upload(local_dir: str, dest: Location) -> None:
         ) as out:
             while chunk := src.read(_CHUNK):
                 out.write(chunk)
-    # The commit marker, last. On GCS create-only: of two writers of one name, one loses loudly.
+    # The commit marker, last, create-only.
     with open(os.path.join(local_dir, METADATA), "rb") as f:
         commit = f.read()
-    if _is_gcs(dest.fs):
-        try:
-            gcs.write_create_only(join(dest.path, METADATA), commit)
-        except FileExistsError:
-            raise CheckpointError(f"refusing to overwrite the existing checkpoint {dest.uri}") from None
-    else:
-        tmp = join(dest.path, METADATA + ".tmp")
+    final = join(dest.path, METADATA)
+    try:
+        if _is_gcs(dest.fs):
+            gcs.write_create_only(final, commit)
+            return
+        # Never a fixed temp name: two writers of one checkpoint must not share (or move) it.
+        tmp = join(dest.path, f"{METADATA}.{uuid.uuid4().hex}.tmp")
         with dest.fs.open_output_stream(tmp) as out:
             out.write(commit)
-        dest.fs.move(tmp, join(dest.path, METADATA))  # a rename: atomic on a local disk
+        try:
+            if dest.fs.type_name == "local":
+                _link_create_only(tmp, final)
+            else:  # no create-only primitive in pyarrow's generic API: check, then rename
+                if _exists(dest.fs, final):
+                    raise FileExistsError(final)
+                dest.fs.move(tmp, final)
+        finally:
+            if _exists(dest.fs, tmp):
+                dest.fs.delete_file(tmp)
+    except FileExistsError:
+        raise CheckpointError(f"refusing to overwrite the existing checkpoint {dest.uri}") from None
+
+
+def _link_create_only(tmp: str, final: str) -> None:
+    """Make the whole file tmp appear at final, only if nothing is there (FileExistsError).
+
+    A hard link is atomic and never replaces (a rename would): of two writers, one loses loudly
+    and the winner's metadata.json stays. Where links are not supported, an O_EXCL create.
+    """
+    try:
+        os.link(tmp, final)
+    except FileExistsError:
+        raise
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+            raise
+        with open(tmp, "rb") as f:
+            data = f.read()
+        fd = os.open(final, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
 
 
 def delete(loc: Location) -> None:
@@ -266,7 +449,7 @@ def fetch(loc: Location, scratch_dir: str, wanted: Callable[[str], bool] = lambd
         local = scratch_dir
         os.makedirs(local, exist_ok=True)
         for rel in sorted(manifest) + [METADATA]:
-            target = os.path.join(local, rel)
+            target = _inside(local, rel, loc)
             os.makedirs(os.path.dirname(target), exist_ok=True)
             with loc.fs.open_input_stream(join(loc.path, rel)) as src, open(target, "wb") as out:
                 shutil.copyfileobj(src, out, _CHUNK)
@@ -278,6 +461,18 @@ def fetch(loc: Location, scratch_dir: str, wanted: Callable[[str], bool] = lambd
                 f"metadata.json says {expected['sha256'][:12]}...; resume from another checkpoint"
             )
     return local
+
+
+def _inside(folder: str, rel: str, loc: Location) -> str:
+    """folder/rel, refused unless it stays inside folder (links resolved): whatever a listing or
+    a manifest says, a download never writes anywhere else."""
+    root = os.path.realpath(folder)
+    target = os.path.realpath(os.path.join(root, rel))
+    if rel_name_problem(rel) not in (None, "metadata.json listing itself") or (
+            os.path.commonpath([root, target]) != root or target == root):
+        raise CheckpointError(f"checkpoint {loc.uri} is corrupt: its file list names {rel!r}, "
+                              f"which is not inside the checkpoint; resume from another checkpoint")
+    return target
 
 
 def now_iso(clock: Callable[[], float] = time.time) -> str:

@@ -11,6 +11,7 @@ import pytest
 from storage import checkpoint as ckpt
 from storage.checkpoint import CheckpointError, Status
 from storage.location import Location, resolve
+from storage.names import CheckpointName
 
 FILES = {
     "model.safetensors": os.urandom(3000) + b"\x00" * 17,
@@ -25,6 +26,24 @@ FILES = {
 FLAT = {k: v for k, v in FILES.items() if "/" not in k}  # what trainers/checkpointing.py writes
 
 
+def realistic_meta(name="checkpoint-epoch0-step8-files2", **over):
+    """metadata.json as trainers/loop.py writes it (before write_metadata adds the manifest):
+    2 workers, a 6-file x 64-sample index, global batch 16, consistent with the name."""
+    n = CheckpointName.parse(name)
+    meta = {
+        "name": name, "run_name": "r", "launch_id": "0" * 32, "created_at": "2025-01-01T00:00:00Z",
+        "step": n.step, "epoch": n.epoch, "files_processed": n.files,
+        "samples_in_epoch": 16 * (n.step % 24), "world_size": 2, "global_batch_size": 16,
+        "config": {"name": "test", "model": {"vocab_size": 256, "seq_len": 64, "n_layer": 2,
+                                              "n_head": 2, "d_model": 64, "dropout": 0.1}},
+        "data_index": {"files": [f"/data/train/part-{i}.parquet" for i in range(6)], "rows": [64] * 6},
+        "best_loss": 2.5, "best_val_loss": None, "train_loss": 2.6, "val_loss": None,
+        "resumed_from": None, "versions": {"torch": "x", "ray": "y"}, "preempted": False,
+    }
+    meta.update(over)
+    return meta
+
+
 def make_local(folder, files=FILES, extra_meta=None):
     """A finished local checkpoint folder: the data files, then write_metadata."""
     os.makedirs(folder, exist_ok=True)
@@ -33,12 +52,16 @@ def make_local(folder, files=FILES, extra_meta=None):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "wb") as f:
             f.write(data)
-    return ckpt.write_metadata(str(folder), extra_meta or {"step": 8, "epoch": 0})
+    if extra_meta is None:
+        base = os.path.basename(str(folder))
+        extra_meta = realistic_meta(base if CheckpointName.try_parse(base) else
+                                    "checkpoint-epoch0-step8-files2")
+    return ckpt.write_metadata(str(folder), extra_meta)
 
 
 def put_checkpoint(run_dir, name, files=FILES):
     """A complete checkpoint named `name` directly in run_dir (written in place)."""
-    return make_local(os.path.join(run_dir, name), files, {"step": 1})
+    return make_local(os.path.join(run_dir, name), files, realistic_meta(name))
 
 
 def md5_b64(data):
@@ -114,17 +137,25 @@ class RecordingFS:
         return getattr(self.inner, name)
 
 
-def test_upload_copies_every_file_and_metadata_last(tmp_path):
+def test_upload_copies_every_file_and_metadata_last(tmp_path, monkeypatch):
     local = tmp_path / "local"
     meta = make_local(local, FLAT)
     dest = resolve(str(tmp_path / "run")).child("checkpoint-epoch0-step8-files2")
     recording = RecordingFS(dest.fs)
+    link = ckpt._link_create_only  # on local disk metadata.json appears through a hard link
+
+    def recorded_link(tmp, final):
+        link(tmp, final)
+        recording.written.append(final)
+
+    monkeypatch.setattr(ckpt, "_link_create_only", recorded_link)
     ckpt.upload(str(local), Location(recording, dest.path, dest.uri))
     rels = [p[len(dest.path) + 1:] for p in recording.written]
     assert rels[-1] == "metadata.json"  # the commit marker appears last
     assert rels.count("metadata.json") == 1
     assert sorted(r for r in rels if not r.startswith("metadata.json")) == sorted(FLAT)
-    assert not (tmp_path / "run" / "checkpoint-epoch0-step8-files2" / "metadata.json.tmp").exists()
+    left = os.listdir(tmp_path / "run" / "checkpoint-epoch0-step8-files2")
+    assert not [n for n in left if n.endswith(".tmp")]  # no temp file stays behind
     for rel, data in FLAT.items():
         assert (tmp_path / "run" / "checkpoint-epoch0-step8-files2" / rel).read_bytes() == data
     assert json.loads((tmp_path / "run" / "checkpoint-epoch0-step8-files2" / "metadata.json").read_text()) == meta
@@ -478,3 +509,292 @@ def test_fetch_local_verifies_only_wanted_files(complete, tmp_path):
     assert ckpt.fetch(loc, str(tmp_path / "s"), wanted=lambda rel: rel != "rng_state_rank0.pt") == str(folder)
     with pytest.raises(CheckpointError, match="rng_state_rank0.pt"):
         ckpt.fetch(loc, str(tmp_path / "s"), wanted=lambda rel: rel == "rng_state_rank0.pt")
+
+
+# --- untrusted metadata.json (issue 10): schema, ranges, required files, folder name ------------
+
+def rewrite_meta(folder, **changes):
+    """Edit metadata.json in place (a hand-edited or hostile checkpoint); None deletes a key."""
+    meta = json.loads((folder / "metadata.json").read_text())
+    for key, value in changes.items():
+        if value is None:
+            meta.pop(key, None)
+        else:
+            meta[key] = value
+    (folder / "metadata.json").write_text(json.dumps(meta))
+    return meta
+
+
+DROP = None
+
+
+@pytest.mark.parametrize("changes,needle", [
+    ({"step": "sixty"}, "step"),
+    ({"step": DROP}, "step is missing"),
+    ({"step": -8}, "step"),
+    ({"step": True}, "step"),
+    ({"step": 8.0}, "step"),
+    ({"step": 10**6}, "step 1000000"),  # an older checkpoint edited to look newer
+    ({"step": 2**70}, "step"),
+    ({"epoch": -1}, "epoch"),
+    ({"epoch": 3}, "epoch 3"),
+    ({"files_processed": 3}, "files 3"),
+    ({"files_processed": 99}, "files_processed"),
+    ({"samples_in_epoch": -32}, "samples_in_epoch"),
+    ({"samples_in_epoch": 10**9}, "samples_in_epoch"),
+    ({"samples_in_epoch": 384}, "samples_in_epoch"),  # = the epoch: the cursor would be past it
+    ({"samples_in_epoch": 24}, "samples_in_epoch"),  # not a whole global batch
+    ({"samples_in_epoch": "0"}, "samples_in_epoch"),
+    ({"data_index": DROP}, "data_index"),
+    ({"data_index": [1]}, "data_index"),
+    ({"data_index": {"files": ["a"], "rows": [1, 2]}}, "data_index"),
+    ({"data_index": {"files": ["a"], "rows": [-1]}}, "data_index"),
+    ({"data_index": {"files": [1], "rows": [64]}}, "data_index"),
+    ({"config": [1]}, "config"),
+    ({"config": DROP}, "config"),
+    ({"config": {"model": 5}}, "config"),
+    ({"world_size": 0}, "world_size"),
+    ({"world_size": "2"}, "world_size"),
+    ({"world_size": 3}, "rng_state_rank2.pt"),  # a rank's RNG file the loader would look for
+    ({"world_size": 10**12}, "world_size"),
+    ({"global_batch_size": 0}, "global_batch_size"),
+    ({"global_batch_size": DROP}, "global_batch_size"),
+    ({"best_loss": "low"}, "best_loss"),
+    ({"val_loss": [1]}, "val_loss"),
+    ({"resumed_from": "x"}, "resumed_from"),
+    ({"name": "checkpoint-epoch0-step9-files2"}, "names"),
+    ({"name": 5}, "name"),
+    ({"launch_id": 5}, "launch_id"),
+    ({"format_version": 2}, "format_version"),
+    ({"format_version": DROP}, "format_version"),
+])
+def test_check_refuses_bad_metadata_naming_the_field(complete, changes, needle):
+    folder, loc = complete
+    rewrite_meta(folder, **changes)
+    for verify in (False, True):
+        result = ckpt.check(loc, verify_hashes=verify)
+        assert result.status is Status.CORRUPT, (changes, result)
+        assert "metadata.json" in result.reason and needle in result.reason, result.reason
+        assert result.metadata == {}  # an untrusted metadata.json is never handed on
+
+
+@pytest.mark.parametrize("rel", ckpt.loaded_files(2))
+def test_check_requires_every_file_the_loader_reads_in_the_manifest(complete, rel):
+    folder, loc = complete
+    meta = json.loads((folder / "metadata.json").read_text())
+    del meta["files"][rel]  # the file is still there, but nothing would verify it
+    (folder / "metadata.json").write_text(json.dumps(meta))
+    result = ckpt.check(loc, verify_hashes=True)
+    assert result.status is Status.CORRUPT and rel in result.reason
+
+
+def test_an_emptied_manifest_does_not_turn_off_hash_checks(complete, tmp_path):
+    folder, loc = complete
+    flip_byte(folder / "model.safetensors", 10)
+    rewrite_meta(folder, files={})
+    for verify in (False, True):
+        assert ckpt.check(loc, verify_hashes=verify).status is Status.CORRUPT
+    with pytest.raises(CheckpointError, match="corrupt"):
+        ckpt.fetch(loc, str(tmp_path / "scratch"))
+
+
+def test_check_requires_the_folder_name_to_agree(tmp_path):
+    meta = realistic_meta("checkpoint-epoch0-step8-files2")
+    make_local(tmp_path / "mycopy", FILES, meta)
+    result = ckpt.check(resolve(str(tmp_path / "mycopy")))
+    assert result.status is Status.CORRUPT and "'mycopy' is not a checkpoint name" in result.reason
+    make_local(tmp_path / "checkpoint-epoch0-step16-files4", FILES, meta)  # renamed folder
+    result = ckpt.check(resolve(str(tmp_path / "checkpoint-epoch0-step16-files4")))
+    assert result.status is Status.CORRUPT and "step 8" in result.reason
+    make_local(tmp_path / "checkpoint-epoch0-step8-files2", FILES, meta)
+    assert ckpt.check(resolve(str(tmp_path / "checkpoint-epoch0-step8-files2")), verify_hashes=True).ok
+
+
+def test_a_step_edited_older_checkpoint_is_not_chosen_by_latest(tmp_path):
+    run_dir = tmp_path / "run"
+    for n in ["checkpoint-epoch0-step8-files2", "checkpoint-epoch0-step16-files4"]:
+        put_checkpoint(run_dir, n)
+    rewrite_meta(run_dir / "checkpoint-epoch0-step8-files2", step=10**6)
+    run = resolve(str(run_dir))
+    assert str(ckpt.latest_complete(run).name) == "checkpoint-epoch0-step16-files4"
+    rewrite_meta(run_dir / "checkpoint-epoch0-step16-files4", samples_in_epoch=-32)
+    assert ckpt.latest_complete(run) is None
+
+
+def test_metadata_json_that_is_a_folder_or_deeply_nested_is_corrupt(complete):
+    folder, loc = complete
+    (folder / "metadata.json").write_text("[" * 100_000 + "]" * 100_000)
+    assert ckpt.check(loc).status is Status.CORRUPT
+    os.remove(folder / "metadata.json")
+    os.makedirs(folder / "metadata.json")
+    assert ckpt.check(loc).status is Status.CORRUPT
+
+
+# --- manifest names that escape the checkpoint (issue 10) -------------------------------------
+
+ESCAPING = ["../x", "../../x", "/etc/passwd", "a/../../x", "a\\..\\x", "./model.safetensors",
+            "a//b", "shards/", "", "a\x00b", "metadata.json"]
+
+
+@pytest.mark.parametrize("rel", ESCAPING)
+def test_check_refuses_manifest_names_that_are_not_plain_relative(complete, rel):
+    folder, loc = complete
+    meta = json.loads((folder / "metadata.json").read_text())
+    meta["files"][rel] = {"size": 1, "sha256": "0" * 64}
+    (folder / "metadata.json").write_text(json.dumps(meta))
+    result = ckpt.check(loc)
+    assert result.status is Status.CORRUPT, result
+    assert repr(rel) in result.reason
+
+
+class ListingFS:
+    """An object store whose listing holds whatever names it was given, `../` included (some
+    GCS emulators rewrite such names; a real bucket keeps them). Reads only."""
+
+    type_name = "fake"
+
+    def __init__(self, objects):
+        self.objects = dict(objects)
+        self.opened = []
+
+    def get_file_info(self, what):
+        if isinstance(what, pafs.FileSelector):
+            prefix = what.base_dir.rstrip("/") + "/"
+            return [pafs.FileInfo(p, pafs.FileType.File, size=len(d))
+                    for p, d in sorted(self.objects.items()) if p.startswith(prefix)]
+        if what in self.objects:
+            return pafs.FileInfo(what, pafs.FileType.File, size=len(self.objects[what]))
+        return pafs.FileInfo(what, pafs.FileType.NotFound)
+
+    def open_input_stream(self, path):
+        import pyarrow as pa
+
+        self.opened.append(path)
+        return pa.BufferReader(self.objects[path])
+
+
+def _hostile_checkpoint(rel, payload=b"pwned"):
+    """A remote checkpoint, complete but for one manifest entry (and object) named rel."""
+    prefix = "bucket/run/checkpoint-epoch0-step8-files2"
+    meta = realistic_meta()
+    meta["format_version"] = ckpt.FORMAT_VERSION
+    objects, files = {}, {}
+    for name, data in {**FLAT, rel: payload}.items():
+        objects[f"{prefix}/{name}"] = data
+        files[name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    meta["files"] = files
+    objects[f"{prefix}/metadata.json"] = json.dumps(meta).encode()
+    fs = ListingFS(objects)
+    return fs, Location(fs, prefix, "gs://" + prefix), meta
+
+
+def _files_under(root):
+    return sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs)
+
+
+@pytest.mark.parametrize("rel", ["../../evil.txt", "../evil.txt", "sub/../../evil.txt", "ABSOLUTE"])
+def test_fetch_of_a_listing_with_dotdot_names_is_corrupt_and_writes_nothing_outside(tmp_path, rel):
+    if rel == "ABSOLUTE":
+        rel = str(tmp_path / "evil.txt")
+    fs, loc, _ = _hostile_checkpoint(rel)
+    scratch = tmp_path / "a" / "b" / "scratch"
+    assert ckpt.check(loc).status is Status.CORRUPT
+    with pytest.raises(CheckpointError, match="corrupt"):
+        ckpt.fetch(loc, str(scratch))
+    assert [p for p in _files_under(tmp_path) if "evil" in p] == []
+
+
+@pytest.mark.parametrize("rel", ["../../evil.txt", "../evil.txt", "sub/../../evil.txt", "a\\..\\..\\evil.txt"])
+def test_fetch_never_writes_outside_scratch_even_if_check_is_fooled(tmp_path, monkeypatch, rel):
+    """Defence in depth: should check() ever pass such a manifest, the download still refuses."""
+    fs, loc, meta = _hostile_checkpoint(rel)
+    monkeypatch.setattr(ckpt, "check", lambda loc, verify_hashes=False: ckpt.CheckResult(
+        Status.COMPLETE, "", meta))
+    scratch = tmp_path / "a" / "b" / "scratch"
+    with pytest.raises(CheckpointError, match="not inside the checkpoint"):
+        ckpt.fetch(loc, str(scratch))
+    outside = [p for p in _files_under(tmp_path) if not p.startswith(os.path.join("a", "b", "scratch"))]
+    assert outside == []
+
+
+def test_fetch_does_not_follow_a_link_out_of_scratch(tmp_path, monkeypatch):
+    fs, loc, meta = _hostile_checkpoint("link/evil.txt")
+    monkeypatch.setattr(ckpt, "check", lambda loc, verify_hashes=False: ckpt.CheckResult(
+        Status.COMPLETE, "", meta))
+    scratch, elsewhere = tmp_path / "scratch", tmp_path / "elsewhere"
+    os.makedirs(scratch)
+    os.makedirs(elsewhere)
+    os.symlink(elsewhere, scratch / "link")
+    with pytest.raises(CheckpointError, match="not inside"):
+        ckpt.fetch(loc, str(scratch))
+    assert os.listdir(elsewhere) == []
+
+
+def test_fetch_of_a_sane_listing_fs_works(tmp_path):
+    fs, loc, _ = _hostile_checkpoint("shards/part-0.bin", b"fine")
+    scratch = tmp_path / "scratch"
+    assert ckpt.fetch(loc, str(scratch)) == str(scratch)
+    assert (scratch / "shards" / "part-0.bin").read_bytes() == b"fine"
+
+
+# --- one writer's metadata.json (issue 10): unique temp names, create-only commit --------------
+
+def test_write_metadata_leaves_another_writers_temp_file_alone(tmp_path):
+    folder = tmp_path / "local"
+    os.makedirs(folder)
+    (folder / "metadata.json.tmp").write_bytes(b"another writer")
+    make_local(folder, FLAT)
+    assert (folder / "metadata.json.tmp").read_bytes() == b"another writer"
+    assert [n for n in os.listdir(folder) if n.endswith(".tmp")] == ["metadata.json.tmp"]
+
+
+def test_upload_leaves_another_writers_temp_file_alone(tmp_path):
+    local = tmp_path / "local"
+    make_local(local, FLAT)
+    dest_dir = tmp_path / "run" / "checkpoint-epoch0-step8-files2"
+    os.makedirs(dest_dir)
+    (dest_dir / "metadata.json.tmp").write_bytes(b"another writer")
+    ckpt.upload(str(local), resolve(str(dest_dir)))
+    assert (dest_dir / "metadata.json.tmp").read_bytes() == b"another writer"
+    assert (dest_dir / "metadata.json").read_bytes() == (local / "metadata.json").read_bytes()
+
+
+@pytest.mark.parametrize("kind", ["local", "other"])
+def test_a_second_writer_that_passed_the_first_check_fails_at_the_commit(tmp_path, monkeypatch, kind):
+    """Two writers both saw no metadata.json; the first commits. The second's commit must fail
+    loudly and leave the first's metadata.json, never replace it (a rename would)."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    make_local(first, FLAT)
+    make_local(second, {**FLAT, "model.safetensors": b"the other writer"})
+    dest_dir = tmp_path / "bucket" / "run" / "checkpoint-epoch0-step8-files2"
+    if kind == "local":
+        dest = resolve(str(dest_dir))
+    else:  # a filesystem without a create-only primitive: check right before the rename
+        os.makedirs(tmp_path / "bucket")
+        fs = pafs.SubTreeFileSystem(str(tmp_path / "bucket"), pafs.LocalFileSystem())
+        dest = Location(fs, "run/checkpoint-epoch0-step8-files2", "sub://run/x")
+    ckpt.upload(str(first), dest)
+    winner = (dest_dir / "metadata.json").read_bytes()
+    real_exists = ckpt._exists
+    calls = []
+
+    def stale_exists(fs, path):  # the second writer's first look happened before the commit
+        calls.append(path)
+        return False if len(calls) == 1 else real_exists(fs, path)
+
+    monkeypatch.setattr(ckpt, "_exists", stale_exists)
+    with pytest.raises(CheckpointError, match="refusing to overwrite"):
+        ckpt.upload(str(second), dest)
+    assert (dest_dir / "metadata.json").read_bytes() == winner
+    assert [n for n in os.listdir(dest_dir) if n.endswith(".tmp")] == []
+
+
+def test_link_create_only_never_replaces(tmp_path):
+    (tmp_path / "a.tmp").write_bytes(b"new")
+    (tmp_path / "final").write_bytes(b"old")
+    with pytest.raises(FileExistsError):
+        ckpt._link_create_only(str(tmp_path / "a.tmp"), str(tmp_path / "final"))
+    assert (tmp_path / "final").read_bytes() == b"old"
+    ckpt._link_create_only(str(tmp_path / "a.tmp"), str(tmp_path / "fresh"))
+    assert (tmp_path / "fresh").read_bytes() == b"new"
+
