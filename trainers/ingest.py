@@ -1,0 +1,260 @@
+"""The train set through Ray Data: read once across the cluster, from the cursor, in the exact
+global order, each rank dealt only its own slices.
+
+The global order is the one trainers/data.py defines (files permuted per epoch by seed, rows
+in file order; in global batch b rank r of W takes samples [bG + rL, bG + (r+1)L), L = G/W).
+The stream starts at the resume point's cursor and runs, across epoch boundaries, to max_steps:
+
+    read tasks          one per (epoch, file piece) in global order; each opens its file once
+                        and reads from the row group holding its first row to the one holding
+                        its last: files before the cursor and rows past the epoch's last whole
+                        global batch are never read. Rows carry their epoch and position.
+    map_batches +       k global batches at a time (exactly k*G rows: the fused operator's
+    repartition(strict) exact bundler) reordered rank-major, then cut into blocks of k*L rows:
+                        block j holds rank (j mod W)'s k slices.
+    streaming_split     Train's DataConfig: with preserve_order each equal-sized block goes to the
+                        split with the fewest rows so far, ties to the lowest index, so block j
+                        goes to rank j mod W (ray/data/_internal/execution/operators/
+                        output_splitter.py). Not a documented promise: every rank checks each
+                        batch's positions (check_batch) and fails loudly if Ray ever deals
+                        differently.
+
+The stream is padded at its end to a whole chunk of k global batches with filler rows (epoch
+and pos -1, never read from a file) that no rank reaches: the loop stops at max_steps.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from ray.data.block import BlockMetadata
+from ray.data.datasource import Datasource, ReadTask
+
+from trainers.data import DataIndex, EpochPlan
+
+ROW_OVERHEAD = 8 + 4 + 8  # id, epoch, pos beside the tokens
+BLOCK_BYTES_PER_RANK = 1 << 20
+READ_CPUS = 0.5  # reads wait on storage; and != the reorder's 1 CPU (see Stream.dataset)  # ~1 MB per rank per block: several steps, a small fixed cost
+
+
+class DataOrderError(RuntimeError):
+    """A rank was handed rows other than the ones the global order gives it."""
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Rows [first, end) of one file, read in the given epoch; pos is the epoch position of
+    row `first`."""
+
+    epoch: int
+    path: str
+    first: int
+    end: int
+    pos: int
+
+    @property
+    def rows(self) -> int:
+        return self.end - self.first
+
+
+def pieces(index: DataIndex, seed: int, global_batch: int, epoch: int, cursor: int,
+           steps: int) -> list[Piece]:
+    """The file pieces holding the next `steps` global batches from (epoch, cursor), in order."""
+    if cursor % global_batch:
+        raise ValueError(f"cursor {cursor} is not a multiple of the global batch {global_batch}")
+    out: list[Piece] = []
+    while steps > 0:
+        plan = EpochPlan.make(index, seed, epoch)
+        per_epoch = plan.steps(global_batch)
+        if per_epoch == 0:
+            raise ValueError(f"the dataset has {index.total_rows} samples, fewer than one global "
+                             f"batch ({global_batch})")
+        take = min(steps, per_epoch - cursor // global_batch)
+        stop = cursor + take * global_batch
+        for pos, first, end in plan.locate(cursor, stop):
+            out.append(Piece(epoch, index.files[plan.order[pos]], first, end,
+                             plan.starts[pos] + first))
+        steps -= take
+        epoch, cursor = epoch + 1, 0
+    return out
+
+
+def steps_per_block(global_batch: int, world: int, row_bytes: int, steps: int,
+                    configured: int = 0) -> int:
+    """k: global batches per chunk; each rank gets k*L rows per block (~1 MB unless configured)."""
+    per_rank_step = (global_batch // world) * (row_bytes + ROW_OVERHEAD)
+    k = configured or max(1, math.ceil(BLOCK_BYTES_PER_RANK / per_rank_step))
+    return max(1, min(k, steps))
+
+
+def rank_major(batch: pa.Table, global_batch: int, world: int) -> pa.Table:
+    """n whole global batches -> rank 0's n slices, then rank 1's, ... (n*G rows either way)."""
+    rows = batch.num_rows
+    if rows % global_batch:
+        raise DataOrderError(f"a chunk of {rows} rows is not whole global batches of {global_batch}")
+    per_rank = global_batch // world
+    n = rows // global_batch
+    order = (np.arange(n)[None, :, None] * global_batch + np.arange(world)[:, None, None] * per_rank
+             + np.arange(per_rank)[None, None, :]).reshape(-1)
+    return batch.take(pa.array(order))
+
+
+def check_batch(batch: dict, rank: int, epoch: int, start: int, count: int) -> None:
+    """The position guard: rank `rank` must get epoch `epoch`, positions [start, start+count)."""
+    got_epoch = np.asarray(batch["epoch"])
+    got_pos = np.asarray(batch["pos"])
+    expected = np.arange(start, start + count)
+    if len(got_pos) != count or (got_epoch != epoch).any() or (got_pos != expected).any():
+        raise DataOrderError(
+            f"rank {rank} was dealt the wrong rows: expected epoch {epoch} positions "
+            f"[{start}, {start + count}), got {_describe(got_epoch, got_pos)}. Ray Data's split "
+            "routing changed; training on these rows would break exactly-once data")
+
+
+def _describe(epochs: np.ndarray, pos: np.ndarray) -> str:
+    if len(pos) == 0:
+        return "no rows"
+    contiguous = (np.diff(pos) == 1).all() and (epochs == epochs[0]).all()
+    if contiguous:
+        return f"epoch {int(epochs[0])} positions [{int(pos[0])}, {int(pos[-1]) + 1})"
+    shown = ", ".join(f"{int(e)}:{int(p)}" for e, p in list(zip(epochs, pos))[:8])
+    return f"{len(pos)} rows (epoch:position) {shown}{', ...' if len(pos) > 8 else ''}"
+
+
+def tokens_of(batch: dict) -> np.ndarray:
+    """[rows, seq_len+1] uint8 tokens from a batch's `tokens` column (numpy object array)."""
+    col = batch["tokens"]
+    return np.frombuffer(b"".join(col), dtype=np.uint8).reshape(len(col), -1)
+
+
+SCHEMA = pa.schema([("id", pa.int64()), ("tokens", pa.binary()), ("epoch", pa.int32()),
+                    ("pos", pa.int64())])
+
+
+def read_piece(data_uri: str, piece: Piece, audit_dir: str | None) -> Iterator[pa.Table]:
+    """A Ray Data read task: one file opened once, from the row group holding piece.first."""
+    from storage.location import resolve
+
+    fs = resolve(data_uri).fs
+    with fs.open_input_file(piece.path) as handle:
+        meta = pq.ParquetFile(handle).metadata
+        bounds = [0]
+        for g in range(meta.num_row_groups):
+            bounds.append(bounds[-1] + meta.row_group(g).num_rows)
+        groups = [g for g in range(meta.num_row_groups)
+                  if bounds[g] < piece.end and bounds[g + 1] > piece.first]
+        _audit(audit_dir, {"event": "open", "epoch": piece.epoch, "file": piece.path,
+                           "first_row": piece.first, "row_groups": groups})
+        f = pq.ParquetFile(handle, metadata=meta)
+        for g in groups:
+            table = f.read_row_group(g, columns=["id", "tokens"])
+            lo, hi = max(piece.first, bounds[g]) - bounds[g], min(piece.end, bounds[g + 1]) - bounds[g]
+            table = table.slice(lo, hi - lo)
+            first_pos = piece.pos + bounds[g] + lo - piece.first
+            yield pa.table({
+                "id": table.column("id").cast(pa.int64()),
+                "tokens": table.column("tokens").cast(pa.binary()),
+                "epoch": pa.array(np.full(table.num_rows, piece.epoch, dtype=np.int32)),
+                "pos": pa.array(np.arange(first_pos, first_pos + table.num_rows, dtype=np.int64)),
+            }, schema=SCHEMA)
+
+
+def filler(rows: int, row_bytes: int) -> Iterator[pa.Table]:
+    """Rows that pad the stream to a whole chunk: read from nowhere, trained on by no one."""
+    yield pa.table({
+        "id": pa.array(np.full(rows, -1, dtype=np.int64)),
+        "tokens": pa.array([bytes(row_bytes)] * rows, type=pa.binary()),
+        "epoch": pa.array(np.full(rows, -1, dtype=np.int32)),
+        "pos": pa.array(np.full(rows, -1, dtype=np.int64)),
+    }, schema=SCHEMA)
+
+
+def _audit(folder: str | None, record: dict) -> None:
+    """One JSON line per read event in {folder}/reads.jsonl (O_APPEND: lines stay whole)."""
+    if not folder:
+        return
+    os.makedirs(folder, exist_ok=True)
+    line = (json.dumps({**record, "pid": os.getpid()}) + "\n").encode()
+    fd = os.open(os.path.join(folder, "reads.jsonl"), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line)
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True)
+class Stream:
+    """What one launch attempt trains on: from (epoch, cursor), `steps` global batches."""
+
+    data_uri: str
+    index: DataIndex
+    seed: int
+    global_batch: int
+    world: int
+    row_bytes: int  # seq_len + 1 token bytes per sample
+    epoch: int
+    cursor: int
+    steps: int
+    steps_per_block: int = 0  # 0: ~1 MB per rank per block
+    audit_dir: str | None = None
+
+    def dataset(self):
+        """The Ray Dataset; its split deals rank r exactly its slices, in step order."""
+        import ray.data
+
+        G, W = self.global_batch, self.world
+        k = steps_per_block(G, W, self.row_bytes, self.steps, self.steps_per_block)
+        source = CursorDatasource(self, pieces(self.index, self.seed, G, self.epoch, self.cursor,
+                                               self.steps), pad=(-self.steps % k) * G)
+        ds = ray.data.read_datasource(source, override_num_blocks=len(source.todo) + 1,
+                                     ray_remote_args={"num_cpus": READ_CPUS})
+        # Ray fuses map_batches with the strict repartition (operator_fusion.py), so the
+        # fused task gets exactly k*G rows per batch. It must not fuse the read in too: the
+        # exact bundler would then count each read task as one row and hand k*G of them to
+        # one task, serializing the reads. Distinct num_cpus keep the read apart.
+        ds = ds.map_batches(rank_major, batch_size=k * G, batch_format="pyarrow",
+                            fn_kwargs={"global_batch": G, "world": W}, zero_copy_batch=True)
+        return ds.repartition(target_num_rows_per_block=k * (G // W), strict=True)
+
+
+class CursorDatasource(Datasource):
+    """One read task per piece, in the global order (Ray keeps it under preserve_order)."""
+
+    def __init__(self, stream: Stream, todo: list[Piece], pad: int):
+        super().__init__()
+        self.stream, self.todo, self.pad = stream, todo, pad
+        self._row_size = stream.row_bytes + ROW_OVERHEAD
+
+    def get_name(self) -> str:
+        return "TrainFromCursor"
+
+    def estimate_inmemory_data_size(self) -> int:
+        return (sum(p.rows for p in self.todo) + self.pad) * self._row_size
+
+    def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
+        s = self.stream
+        tasks = [ReadTask(_bind(read_piece, s.data_uri, p, s.audit_dir),
+                          BlockMetadata(num_rows=p.rows, size_bytes=p.rows * self._row_size,
+                                        input_files=[p.path], exec_stats=None),
+                          schema=SCHEMA)
+                 for p in self.todo]
+        if self.pad:
+            tasks.append(ReadTask(_bind(filler, self.pad, s.row_bytes),
+                                  BlockMetadata(num_rows=self.pad, size_bytes=self.pad * self._row_size,
+                                                input_files=[], exec_stats=None),
+                                  schema=SCHEMA))
+        return tasks
+
+
+def _bind(fn, *args):
+    def read():
+        return fn(*args)
+    read.__name__ = fn.__name__
+    return read
