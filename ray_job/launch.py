@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import math
 import os
 
 # Ray 2.60 clusters use token auth, and Ray reads RAY_AUTH_MODE when it is imported: a client
@@ -11,14 +13,17 @@ if (os.environ.get("RAY_ADDRESS") and "RAY_AUTH_MODE" not in os.environ
     os.environ["RAY_AUTH_MODE"] = "token"
 
 import ray  # noqa: E402
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig  # noqa: E402
+from ray.data import ExecutionOptions  # noqa: E402
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig  # noqa: E402
 from ray.train.torch import TorchTrainer
 
 from configs.schema import Config
 from storage.location import Location
+from trainers.ingest import train_dataset
 from trainers.loop import train_loop
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DATA_CPUS = 2  # beside the train workers: Ray Data read tasks (0.5 CPU) and the reorder (1 CPU)
 
 
 def init_ray(cfg: Config) -> None:
@@ -34,7 +39,10 @@ def init_ray(cfg: Config) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(runtime_env=runtime_env, log_to_driver=True)
     else:
-        cpus = max(os.cpu_count() or 1, int(cfg.scaling.num_workers * cfg.scaling.cpus_per_worker) + 2)
+        # Logical CPUs: the workers' plus Ray Data's; on a 2-core machine the workers alone
+        # would take them all and iteration would hang.
+        cpus = max(os.cpu_count() or 1,
+                   math.ceil(cfg.scaling.num_workers * cfg.scaling.cpus_per_worker) + DATA_CPUS)
         ray.init(num_cpus=cpus, runtime_env=runtime_env, include_dashboard=False, log_to_driver=True)
 
 
@@ -42,6 +50,12 @@ def fit(cfg: Config, run: Location, storage: Location, plan: dict):
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=plan,
+        # A callable: rebuilt on every worker-group start, from the checkpoint the loop restores.
+        datasets={"train": functools.partial(train_dataset, plan)},
+        # preserve_order: read tasks' blocks keep the global order and the split deals them
+        # round-robin (trainers/ingest.py); the loop checks every batch's positions.
+        dataset_config=DataConfig(datasets_to_split=["train"],
+                                  execution_options=ExecutionOptions(preserve_order=True)),
         scaling_config=ScalingConfig(
             num_workers=cfg.scaling.num_workers,
             use_gpu=cfg.scaling.use_gpu,

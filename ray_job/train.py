@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import uuid
 
@@ -46,6 +47,10 @@ def prepare(argv: list[str] | None = None) -> tuple:
         index = build_index(data.fs, data.path)
         if not index.files:
             raise UserError(f"data.path {data.uri}: no train/*.parquet files there")
+    if index.total_rows < cfg.train.global_batch_size:
+        raise UserError(f"data.path {data.uri}: {index.total_rows} train samples, fewer than one "
+                        f"global batch ({cfg.train.global_batch_size}); lower "
+                        "--set train.global_batch_size or add data")
     plan = {
         "config": to_dict(cfg),
         "launch_id": uuid.uuid4().hex,
@@ -53,8 +58,10 @@ def prepare(argv: list[str] | None = None) -> tuple:
         "run_uri": run.uri,
         "max_steps": cfg.train.max_steps,
         "data_index": index.to_json(),
-        "resume": {"name": choice.name, "uri": choice.loc.uri} if choice else None,
-        "audit_dir": args.audit_dir,
+        "resume": {"name": choice.name, "uri": choice.loc.uri, "step": choice.step,
+                   "epoch": int(choice.metadata["epoch"]),
+                   "samples_in_epoch": int(choice.metadata["samples_in_epoch"])} if choice else None,
+        "audit_dir": os.path.abspath(args.audit_dir) if args.audit_dir else None,
     }
     if choice is not None:
         print(f"🔎 --resume {args.resume} -> {choice.loc.uri} (step {choice.step}, verified)")

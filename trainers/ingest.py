@@ -258,3 +258,27 @@ def _bind(fn, *args):
         return fn(*args)
     read.__name__ = fn.__name__
     return read
+
+
+def train_dataset(plan: dict):
+    """`TorchTrainer(datasets={"train": ...})`: Ray Train calls this on every worker-group
+    start (train/v2/_internal/callbacks/datasets.py), so an in-run retry rebuilds the stream
+    from the same checkpoint the loop restores (trainers/source.py decides for both)."""
+    import ray.data
+
+    from configs.schema import Config, from_dict
+    from trainers import source
+
+    cfg = from_dict(Config, plan["config"])
+    start = source.choose(plan)
+    step, epoch, cursor = (start.step, start.epoch, start.samples_in_epoch) if start else (0, 0, 0)
+    steps = plan["max_steps"] - step
+    if steps <= 0:
+        return ray.data.from_arrow(SCHEMA.empty_table())
+    return Stream(
+        data_uri=cfg.data.path, index=DataIndex.from_json(plan["data_index"]),
+        seed=cfg.data.shuffle_seed, global_batch=cfg.train.global_batch_size,
+        world=cfg.scaling.num_workers, row_bytes=cfg.model.seq_len + 1, epoch=epoch,
+        cursor=cursor, steps=steps, steps_per_block=cfg.data.steps_per_block,
+        audit_dir=plan.get("audit_dir"),
+    ).dataset()

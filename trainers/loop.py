@@ -28,7 +28,9 @@ from storage import retention
 from storage.location import Location, resolve
 from storage.names import CheckpointName
 from trainers import checkpointing
-from trainers.data import DataIndex, EpochPlan, RankStream, read_all
+from trainers import source as sources
+from trainers.data import DataIndex, EpochPlan, read_all
+from trainers.ingest import DataOrderError, check_batch, tokens_of
 from trainers.model import GPT
 from trainers.state import TrainState
 
@@ -59,7 +61,10 @@ def train_loop(plan: dict) -> None:
     state = TrainState()
 
     # --- restore ------------------------------------------------------------------------
-    source = _choose_resume_source(plan, say)
+    source = sources.choose(plan)  # the train dataset was built from the same choice
+    if source is not None and source.retry:
+        say(f"🔁 Restarted by Ray: resuming from this run's latest checkpoint {source.name} "
+            f"(it wins over --resume on in-run retries)")
     if source is not None:
         state = _restore(source, plan, model, optimizer, scheduler, rank, world, say)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -68,20 +73,20 @@ def train_loop(plan: dict) -> None:
     val_ids, val_tokens = read_all(data.fs, data.child("val").path) if cfg.train.val_every else (None, None)
 
     # --- build the data stream from the cursor --------------------------------------------
+    # Ray Data deals this rank its slices of the global order from the cursor on, read once
+    # across the cluster (trainers/ingest.py); every batch is checked against its position.
     G, A = cfg.train.global_batch_size, cfg.train.grad_accum_steps
+    per_rank = G // world
     max_steps = plan["max_steps"]
     epoch_plan = EpochPlan.make(index, cfg.data.shuffle_seed, state.epoch)
     steps_per_epoch = epoch_plan.steps(G)
-    if steps_per_epoch == 0:
-        raise ValueError(f"the dataset has {index.total_rows} samples, fewer than one global batch ({G})")
     say("\n📈 Starting optimized training loop...")
     if source is not None:
         say(f"🔄 Resuming training from step {state.step}, target: {max_steps}")
         say(f"🔄 Resuming epoch {state.epoch}: skipping {state.samples_in_epoch // G} batches")
-    stream = RankStream(data.fs, epoch_plan, G, world, rank, state.samples_in_epoch)
-    batches = iter(stream)
+    shard = ray.train.get_dataset_shard("train")
+    batches = iter(shard.iter_batches(batch_size=per_rank, batch_format="numpy", prefetch_batches=2))
     audit = _Audit(plan, rank)
-    audit.opened(state, stream)
     progress_initial = state.step
     bar = tqdm(total=max_steps, initial=state.step, desc="Training", unit="step",
                disable=rank != 0, mininterval=1.0, dynamic_ncols=False, ascii=True,
@@ -92,15 +97,14 @@ def train_loop(plan: dict) -> None:
     first_step_at = None
     notified = False  # one checkpoint per preemption notice; Ray restarts us after the node goes
     while state.step < max_steps:
-        if stream.plan is not epoch_plan:  # the last step ended an epoch: its files, cursor 0
-            stream.close()
-            stream = RankStream(data.fs, epoch_plan, G, world, rank, 0)
-            batches = iter(stream)
         fetch_started = time.time()
-        ids, tokens = next(batches)
+        batch = next(batches, None)
+        if batch is None:
+            raise DataOrderError(f"rank {rank}: the train stream ended before step {state.step + 1}")
+        check_batch(batch, rank, state.epoch, state.samples_in_epoch + rank * per_rank, per_rank)
+        ids, tokens = batch["id"], tokens_of(batch)
         if state.step == progress_initial:
             first_batch_s = time.time() - fetch_started
-        audit.opened(state, stream)
         audit.trained(state, ids)
         loss = _train_step(accelerator, model, optimizer, cfg, tokens, A)
         lr = scheduler.get_last_lr()[0]
@@ -141,7 +145,6 @@ def train_loop(plan: dict) -> None:
 
     # --- finish ---------------------------------------------------------------------------
     bar.close()
-    stream.close()
     trained = state.step - progress_initial
     if first_step_at is not None and trained > 1:
         rate = (trained - 1) / (time.time() - first_step_at)
@@ -237,38 +240,8 @@ def _validate(accelerator, model, val_tokens, cfg: Config, rank: int, world: int
     return (sums[0] / sums[1]).item()
 
 
-def _choose_resume_source(plan: dict, say) -> tuple[Location, str] | None:
-    """An explicit --resume wins on the first attempt; this launch's own newest checkpoint on
-    in-run retries (Ray restarting the worker group after a failure or a preemption).
-
-    Ray's get_checkpoint() also returns the latest checkpoint of an *earlier* job with the same
-    run name and storage, which would silently override --resume NAME: only a checkpoint
-    written by this launch (same launch_id) counts as a retry's. And Ray only knows the
-    checkpoints its controller had processed before the failure, while every checkpoint it
-    registered is complete in storage (our upload writes metadata.json last, then returns): so
-    storage alone answers, and a checkpoint that landed unregistered is not lost (nor
-    regenerated). The driver refused any complete checkpoint newer than the resume point, so
-    the newest complete one in the run decides: it is this launch's, or none is.
-    """
-    run = resolve(plan["run_uri"])
-    for entry in reversed(ckpt.list_checkpoints(run)):
-        result = ckpt.check(entry.loc)
-        if not result.ok:
-            continue  # a save in flight or killed mid-upload
-        if result.metadata.get("launch_id") == plan["launch_id"]:
-            name = str(entry.name)
-            say(f"🔁 Restarted by Ray: resuming from this run's latest checkpoint {name} "
-                f"(it wins over --resume on in-run retries)")
-            return entry.loc, name
-        break
-    if plan.get("resume"):
-        r = plan["resume"]
-        return resolve(r["uri"]), r["name"]
-    return None
-
-
 def _restore(source, plan, model, optimizer, scheduler, rank, world, say) -> TrainState:
-    loc, name = source
+    loc, name = source.loc, source.name
     say(f"🔄 Attempting to resume training from checkpoint: {name}")
     started = time.time()
     if loc.is_remote:
@@ -384,12 +357,12 @@ def _upload_fn(plan: dict, cfg: Config, to_commit: dict):
 
 
 class _Audit:
-    """Optional audit trail (--audit-dir): per rank, one JSON line per trained batch and per
-    opened file, so exactly-once and skip-without-reading are proven from sample ids."""
+    """Optional audit trail (--audit-dir): per rank, one JSON line per trained batch, so
+    exactly-once is proven from sample ids. The read tasks log every file and row group they
+    open beside it (reads.jsonl, trainers/ingest.py): skip-without-reading and read-once."""
 
     def __init__(self, plan: dict, rank: int):
         self.path = None
-        self._stream, self._seen = None, 0
         folder = plan.get("audit_dir")
         if folder:
             os.makedirs(folder, exist_ok=True)
@@ -398,15 +371,6 @@ class _Audit:
     def _write(self, record: dict) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
-
-    def opened(self, state: TrainState, stream: RankStream) -> None:
-        if self.path is None:
-            return
-        if stream is not self._stream:
-            self._stream, self._seen = stream, 0
-        for path in stream.opened[self._seen:]:
-            self._write({"event": "open", "epoch": state.epoch, "file": path, "pid": os.getpid()})
-        self._seen = len(stream.opened)
 
     def trained(self, state: TrainState, ids: np.ndarray) -> None:
         if self.path is not None:

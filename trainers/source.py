@@ -1,0 +1,51 @@
+"""Which checkpoint an attempt starts from. Torch-free: the loop restores weights from it and
+the train dataset is built from its cursor (trainers/ingest.py, in Ray Train's controller),
+through this one function, so data and weights come from the same checkpoint.
+
+An explicit --resume wins on the first attempt; this launch's own newest checkpoint on in-run
+retries (Ray restarting the worker group after a failure or a preemption).
+
+Ray's get_checkpoint() also returns the latest checkpoint of an *earlier* job with the same run
+name and storage, which would silently override --resume NAME: only a checkpoint written by
+this launch (same launch_id) counts as a retry's. And Ray only knows the checkpoints its
+controller had processed before the failure, while every checkpoint it registered is complete
+in storage (the upload writes metadata.json last, then returns): so storage alone answers, and
+a checkpoint that landed unregistered is not lost (nor regenerated). The driver refused any
+complete checkpoint newer than the resume point, so the newest complete one in the run decides:
+it is this launch's, or none is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from storage import checkpoint as ckpt
+from storage.location import Location, resolve
+
+
+@dataclass(frozen=True)
+class Source:
+    loc: Location
+    name: str
+    step: int
+    epoch: int
+    samples_in_epoch: int
+    retry: bool  # this launch's own checkpoint, after Ray restarted the workers
+
+
+def choose(plan: dict) -> Source | None:
+    run = resolve(plan["run_uri"])
+    for entry in reversed(ckpt.list_checkpoints(run)):
+        result = ckpt.check(entry.loc)
+        if not result.ok:
+            continue  # a save in flight or killed mid-upload
+        if result.metadata.get("launch_id") == plan["launch_id"]:
+            m = result.metadata
+            return Source(entry.loc, str(entry.name), int(m["step"]), int(m["epoch"]),
+                          int(m["samples_in_epoch"]), retry=True)
+        break
+    r = plan.get("resume")
+    if r:
+        return Source(resolve(r["uri"]), r["name"], r["step"], r["epoch"], r["samples_in_epoch"],
+                      retry=False)
+    return None
