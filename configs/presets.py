@@ -12,8 +12,9 @@ from configs.schema import (
 
 def test() -> Config:
     """2 CPU workers, a 6-file byte-level corpus from the stdlib: 24 steps an epoch, 40 steps,
-    a checkpoint every 8 (mid-file, mid-epoch and at the epoch boundary), under two minutes."""
-    return Config(name="test")
+    a checkpoint every 8 (mid-file, mid-epoch and at the epoch boundary), under two minutes.
+    Ray Data blocks of 3 steps: several blocks per rank and a padded last chunk, as at scale."""
+    return Config(name="test", data=DataConfig(steps_per_block=3))
 
 
 def production() -> Config:

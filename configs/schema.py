@@ -88,8 +88,12 @@ class DataConfig:
     """Prepared dataset only: rows per parquet row group (the unit a resume reads from)."""
     shuffle_seed: int = 0
     """The order of files in epoch E is a permutation drawn from (shuffle_seed, E)."""
+    steps_per_block: int = 0
+    """Ray Data ingest: steps of data per block each rank receives (k); 0 sizes blocks to about
+    1 MB per rank. Larger blocks cost fewer Ray Data round trips, smaller ones start faster."""
 
     def __post_init__(self):
+        _require(self.steps_per_block >= 0, "data.steps_per_block", "must be >= 0 (0: about 1 MB per rank)")
         _require(self.prepare in ("stdlib", "none"), "data.prepare", "must be 'stdlib' or 'none'")
         for name in ("train_files", "samples_per_file", "val_samples", "row_group_size"):
             _require(getattr(self, name) > 0, f"data.{name}", "must be positive")
