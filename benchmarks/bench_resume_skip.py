@@ -25,7 +25,8 @@ import torch
 from accelerate import skip_first_batches
 from torch.utils.data import DataLoader, IterableDataset
 
-from trainers.data import EpochPlan, RankStream, build_index
+from _baseline_reader import RankStream
+from trainers.data import EpochPlan, build_index
 
 
 class ParquetRows(IterableDataset):

@@ -23,7 +23,8 @@ import torch
 
 from configs import load, with_overrides
 from configs.schema import parse_set
-from trainers.data import EpochPlan, RankStream, build_index
+from _baseline_reader import RankStream
+from trainers.data import EpochPlan, build_index
 from trainers.model import GPT
 
 

@@ -77,13 +77,16 @@ def pieces(index: DataIndex, seed: int, global_batch: int, epoch: int, cursor: i
             raise ValueError(f"the dataset has {index.total_rows} samples, fewer than one global "
                              f"batch ({global_batch})")
         take = min(steps, per_epoch - cursor // global_batch)
-        stop = cursor + take * global_batch
-        for pos, first, end in plan.locate(cursor, stop):
-            out.append(Piece(epoch, index.files[plan.order[pos]], first, end,
-                             plan.starts[pos] + first))
+        out += epoch_pieces(plan, epoch, cursor, cursor + take * global_batch)
         steps -= take
         epoch, cursor = epoch + 1, 0
     return out
+
+
+def epoch_pieces(plan: EpochPlan, epoch: int, start: int, stop: int) -> list[Piece]:
+    """Epoch positions [start, stop) as file pieces, in order."""
+    return [Piece(epoch, plan.index.files[plan.order[pos]], first, end, plan.starts[pos] + first)
+            for pos, first, end in plan.locate(start, stop)]
 
 
 def steps_per_block(global_batch: int, world: int, row_bytes: int, steps: int,

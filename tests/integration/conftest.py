@@ -78,6 +78,13 @@ def audit(folder: Path) -> list[dict]:
     return records
 
 
+def reads(folder: Path) -> list[dict]:
+    """What the Ray Data read tasks opened (trainers/ingest.py): one record per file opened,
+    with the row groups it decoded."""
+    path = folder / "reads.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
 @dataclass
 class Runs:
     storage: Path

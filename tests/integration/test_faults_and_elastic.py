@@ -69,28 +69,34 @@ def test_killed_worker_recovers_from_latest_checkpoint_exactly(runs, ray_address
     assert epoch0 == sorted(set(epoch0)) and len(epoch0) == 384  # every sample once in what counted
 
 
-def test_two_worker_checkpoint_resumes_on_one_worker(runs, ray_address):
-    """Same global batch (16): one worker takes what two took, in the same global order, and
-    (dropout off, so no per-rank random streams) its losses match a 2-worker resume to fp
-    tolerance: only the order of the floating-point reductions differs."""
+def test_two_worker_checkpoint_resumes_on_one_and_four_workers(runs, ray_address):
+    """Same global batch (16): one worker takes what two took, four take a quarter each, in
+    the same global order through Ray Data, and (dropout off, so no per-rank random streams)
+    the losses match a 2-worker resume to fp tolerance: only the order of the floating-point
+    reductions differs."""
     source = runs.ckpt("chain", "checkpoint-epoch0-step10-files2")
     results = {}
-    for workers in (1, 2):
+    for workers in (1, 2, 4):
         trail = runs.storage.parent / "audit" / f"elastic{workers}"
+        cpus = ["--set", "scaling.cpus_per_worker=0.5"] if workers == 4 else []  # 4-CPU cluster
         result = run_cli(["--config", "test", "--storage", runs.storage, "--run-name", f"elastic{workers}",
-                          "--set", f"data.path={runs.data}", "--set", "model.dropout=0",
+                          "--set", f"data.path={runs.data}", "--set", "model.dropout=0", *cpus,
                           "--num-workers", workers, "--max-steps", 24, "--resume", source,
                           "--audit-dir", trail], ray_address)
         assert result.rc == 0, result.out[-4000:]
         results[workers] = result
     assert "was written by 2 workers; resuming on 1" in results[1].out
+    assert "was written by 2 workers; resuming on 4" in results[4].out
 
-    ours = {r["step"]: r["ids"] for r in audit(runs.storage.parent / "audit" / "elastic1") if r["event"] == "batch"}
     straight = audit(runs.audit / "straight")
-    for step in range(11, 25):
-        expected = [i for rank in (0, 1) for r in straight
-                    if r["event"] == "batch" and r["step"] == step and r["rank"] == rank for i in r["ids"]]
-        assert ours[step] == expected, step
+    for workers in (1, 4):
+        ours = audit(runs.storage.parent / "audit" / f"elastic{workers}")
+        for step in range(11, 25):
+            expected = [i for rank in (0, 1) for r in straight
+                        if r["event"] == "batch" and r["step"] == step and r["rank"] == rank for i in r["ids"]]
+            got = [i for rank in range(workers) for r in ours
+                   if r["event"] == "batch" and r["step"] == step and r["rank"] == rank for i in r["ids"]]
+            assert got == expected, (workers, step)
 
     one = read_json(runs.ckpt("elastic1", "checkpoint-epoch1-step24-files0") / "training_metrics.json")
     two = read_json(runs.ckpt("elastic2", "checkpoint-epoch1-step24-files0") / "training_metrics.json")
@@ -100,6 +106,9 @@ def test_two_worker_checkpoint_resumes_on_one_worker(runs, ray_address):
     l2 = torch.tensor([v for _, v in two["loss_history"][10:]], dtype=torch.float64)
     assert len(l1) == 14
     assert torch.allclose(l1, l2, rtol=1e-4, atol=0), (l1 - l2).abs().max()
+    four = read_json(runs.ckpt("elastic4", "checkpoint-epoch1-step24-files0") / "training_metrics.json")
+    l4 = torch.tensor([v for _, v in four["loss_history"][10:]], dtype=torch.float64)
+    assert len(l4) == 14 and torch.allclose(l4, l2, rtol=1e-4, atol=0), (l4 - l2).abs().max()
     w0 = load_file(source / "model.safetensors")
     w1 = load_file(runs.ckpt("elastic1", "checkpoint-epoch1-step24-files0") / "model.safetensors")
     w2 = load_file(runs.ckpt("elastic2", "checkpoint-epoch1-step24-files0") / "model.safetensors")

@@ -5,7 +5,10 @@ pq.read_table and concatenated in the epoch's file order.
 """
 
 import bisect
+import json
 import os
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -15,7 +18,8 @@ import pytest
 
 from storage.location import resolve
 from trainers import data as data_mod
-from trainers.data import DataIndex, EpochPlan, RankStream, build_index
+from trainers import ingest
+from trainers.data import DataIndex, EpochPlan, build_index
 
 ROWS = [37, 50, 0, 23, 64, 41, 29, 1]  # one empty file, one single-row file
 ROW_GROUP = 7  # never aligned with the global batches below
@@ -62,17 +66,56 @@ def expected_epoch(index, plan):
     return ids, file_pos
 
 
-def run_stream(loc, plan, g, world, rank, cursor):
-    stream = RankStream(loc.fs, plan, g, world, rank, cursor)
-    batches = []
-    for ids, toks in stream:
-        assert ids.dtype == np.int64
-        assert toks.dtype == np.uint8 and toks.shape == (g // world, TOKEN_LEN)
-        for x, row in zip(ids.tolist(), toks):
+def ingest_reads(loc, plan, g, cursor, trail):
+    """What the Ray Data read tasks produce from the cursor to the epoch's last whole batch,
+    in task order, and the audit of what they opened: [(file, first row, row groups)]."""
+    tables = [t for p in ingest.epoch_pieces(plan, 0, cursor, plan.steps(g) * g)
+              for t in ingest.read_piece(loc.uri, p, str(trail))]
+    log = trail / "reads.jsonl"
+    opens = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    log.unlink(missing_ok=True)
+    return tables, [(o["file"], o["first_row"], o["row_groups"]) for o in opens]
+
+
+def deal(tables, g, world, k):
+    """The rest of the pipeline without Ray: chunks of k global batches (the last padded),
+    rank_major, blocks of k*L rows, block j to rank j mod W (Ray's split, see ingest.py)."""
+    per = g // world
+    rows = pa.concat_tables([t for t in tables] or [ingest.SCHEMA.empty_table()])
+    steps = rows.num_rows // g
+    assert rows.num_rows == steps * g
+    pad = (-steps % k) * g
+    if pad:
+        rows = pa.concat_tables([rows, *ingest.filler(pad, TOKEN_LEN)])
+    ranks = [[] for _ in range(world)]
+    for c in range(0, rows.num_rows, k * g):
+        chunk = ingest.rank_major(rows.slice(c, k * g), g, world)
+        for j in range(world):
+            ranks[j].append(chunk.slice(j * k * per, k * per))
+    batches = [[] for _ in range(world)]
+    for r in range(world):
+        stream = pa.concat_tables(ranks[r]) if ranks[r] else ingest.SCHEMA.empty_table()
+        for b in range(steps):
+            batches[r].append(stream.slice(b * per, per).to_pydict())
+    return batches
+
+
+def run_stream(loc, plan, g, world, rank, cursor, k=3, trail=None):
+    """Rank `rank`'s batches through the ingest's own read tasks and reorder; checks each with
+    the loop's position guard. Returns (batches of ids, files the read tasks opened)."""
+    trail = trail or Path(tempfile.mkdtemp())
+    tables, opens = ingest_reads(loc, plan, g, cursor, trail)
+    per = g // world
+    out = []
+    for b, batch in enumerate(deal(tables, g, world, k)[rank]):
+        ingest.check_batch({k_: np.array(v) for k_, v in batch.items()}, rank, 0,
+                           cursor + b * g + rank * per, per)
+        toks = ingest.tokens_of({"tokens": batch["tokens"]})
+        assert toks.dtype == np.uint8 and toks.shape == (per, TOKEN_LEN)
+        for x, row in zip(batch["id"], toks):
             assert bytes(row) == tokens_for(x)
-        batches.append(ids.tolist())
-    stream.close()
-    return batches, stream.opened
+        out.append(batch["id"])
+    return out, [f for f, _, _ in opens]
 
 
 def global_sequence(loc, plan, g, world, cursor=0):
@@ -190,13 +233,13 @@ def test_resume_is_the_suffix_and_skips_finished_files(dataset, world):
             for path in opened:
                 pos = plan.order.index(index.files.index(path))
                 assert any(gp >= c for gp, p in enumerate(file_pos) if p == pos)
-            # and exactly the files holding this rank's remaining samples, each once, in order
+            # and the read tasks (for all ranks together) open exactly the files holding the
+            # remaining samples, each once, in order
             needed = []
-            for b in range(c // g, steps):
-                for gp in range(b * g + rank * per, b * g + (rank + 1) * per):
-                    path = index.files[plan.order[file_pos[gp]]]
-                    if not needed or needed[-1] != path:
-                        needed.append(path)
+            for gp in range(c, steps * g):
+                path = index.files[plan.order[file_pos[gp]]]
+                if not needed or needed[-1] != path:
+                    needed.append(path)
             assert opened == needed
             assert len(set(opened)) == len(opened)
 
@@ -211,30 +254,79 @@ def test_resume_on_another_world_size_continues_the_same_global_sequence(dataset
             assert global_sequence(loc, plan, g, world, cursor=c) == reference[c:]
 
 
-def test_resume_reads_from_the_row_group_holding_the_cursor(dataset, monkeypatch):
+def test_resume_reads_from_the_row_group_holding_the_cursor(dataset, tmp_path):
     loc, index = dataset
-    reads = []
-    original = data_mod._File._read_group
-
-    def recording(self, g):
-        reads.append((self._handle, g))
-        return original(self, g)
-
-    monkeypatch.setattr(data_mod._File, "_read_group", recording)
     plan = EpochPlan.make(index, 4, 0)
     gb = 4
     checked = 0
     for c in range(0, plan.steps(gb) * gb, gb):
-        reads.clear()
-        stream = RankStream(loc.fs, plan, gb, 1, 0, c)
-        next(iter(stream))
+        _, opens = ingest_reads(loc, plan, gb, c, tmp_path)
         pos = bisect.bisect_right(plan.starts, c) - 1
+        while index.rows[plan.order[pos]] == 0:  # an empty file holds no cursor
+            pos += 1
         row = c - plan.starts[pos]
-        assert stream.opened[0] == index.files[plan.order[pos]]
-        assert reads[0][1] == row // ROW_GROUP  # O(1) skip: no earlier group of that file read
-        stream.close()
+        path, first_row, groups = opens[0]
+        assert path == index.files[plan.order[pos]] and first_row == row
+        assert groups[0] == row // ROW_GROUP  # O(1) skip: no earlier group of that file read
         checked += 1
     assert checked > 20
+
+
+def test_each_row_group_is_read_once_per_epoch(dataset, tmp_path):
+    """Read once: across all ranks, every (file, row group) of the epoch is decoded once."""
+    loc, index = dataset
+    plan = EpochPlan.make(index, 6, 0)
+    g = 12
+    _, opens = ingest_reads(loc, plan, g, 0, tmp_path)
+    groups = [(f, grp) for f, _, gs in opens for grp in gs]
+    assert len(groups) == len(set(groups))
+    last = plan.steps(g) * g
+    expected = set()
+    for pos, i in enumerate(plan.order):
+        for r in range(index.rows[i]):
+            if plan.starts[pos] + r < last:
+                expected.add((index.files[i], r // ROW_GROUP))
+    assert set(groups) == expected
+
+
+@pytest.mark.parametrize("k", [1, 2, 5, 100])
+def test_every_block_size_deals_the_same_rank_slices(dataset, tmp_path, k):
+    loc, index = dataset
+    plan = EpochPlan.make(index, 8, 3)
+    for world in (2, 4):
+        for rank in range(world):
+            a, _ = run_stream(loc, plan, 12, world, rank, 24, k=k, trail=tmp_path)
+            b, _ = run_stream(loc, plan, 12, world, rank, 24, k=3, trail=tmp_path)
+            assert a == b
+
+
+def test_position_guard_refuses_a_batch_from_the_wrong_place():
+    good = {"epoch": np.array([1, 1, 1]), "pos": np.array([48, 49, 50])}
+    ingest.check_batch(good, 1, 1, 48, 3)
+    for batch, where in [
+        ({"epoch": np.array([1, 1, 1]), "pos": np.array([51, 52, 53])}, "positions [51, 54)"),
+        ({"epoch": np.array([0, 0, 0]), "pos": np.array([48, 49, 50])}, "epoch 0 positions [48, 51)"),
+        ({"epoch": np.array([1, 1, 1]), "pos": np.array([48, 50, 49])}, "1:48, 1:50, 1:49"),
+        ({"epoch": np.array([1, 1]), "pos": np.array([48, 49])}, "positions [48, 50)"),
+        ({"epoch": np.array([-1, -1, -1]), "pos": np.array([-1, -1, -1])}, "-1"),
+    ]:
+        with pytest.raises(ingest.DataOrderError) as err:
+            ingest.check_batch(batch, 1, 1, 48, 3)
+        message = str(err.value)
+        assert "rank 1" in message and "expected epoch 1 positions [48, 51)" in message
+        assert where in message, message
+
+
+def test_stream_spans_epochs_from_the_cursor(dataset):
+    loc, index = dataset
+    g = 12
+    per_epoch = EpochPlan.make(index, 2, 0).steps(g)
+    got = ingest.pieces(index, 2, g, 0, (per_epoch - 2) * g, 5)
+    assert sum(p.rows for p in got) == 5 * g
+    assert {p.epoch for p in got} == {0, 1}
+    assert sum(p.rows for p in got if p.epoch == 0) == 2 * g
+    e1 = [p for p in got if p.epoch == 1]
+    assert e1[0].pos == 0 and sum(p.rows for p in e1) == 3 * g
 
 
 # --- (d): epoch orders ------------------------------------------------------------------------
@@ -288,9 +380,8 @@ def test_files_done_matches_brute_force(dataset, seed, epoch):
 @pytest.mark.parametrize("cursor", [1, 5, 13, 23, 241])
 def test_cursor_not_a_multiple_of_the_global_batch(dataset, cursor):
     loc, index = dataset
-    plan = EpochPlan.make(index, 0, 0)
     with pytest.raises(ValueError) as err:
-        RankStream(loc.fs, plan, 12, 2, 0, cursor)
+        ingest.pieces(index, 0, 12, 0, cursor, 3)
     assert str(cursor) in str(err.value) and "12" in str(err.value)
 
 
@@ -321,30 +412,23 @@ def test_read_all_reads_every_row_in_file_order(tmp_path):
     assert [bytes(r) for r in toks] == [tokens_for(x) for x in expected]
 
 
-def test_stream_keeps_at_most_one_file_open_and_close_releases_it(dataset, monkeypatch):
+def _open_paths():
+    paths = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            paths.add(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:
+            pass
+    return paths
+
+
+def test_read_task_closes_its_file(dataset):
     loc, index = dataset
-    live = []
-    orig_init, orig_close = data_mod._File.__init__, data_mod._File.close
-
-    def init(self, fs, path):
-        orig_init(self, fs, path)
-        live.append(self)
-
-    def close(self):
-        live.remove(self)
-        orig_close(self)
-
-    monkeypatch.setattr(data_mod._File, "__init__", init)
-    monkeypatch.setattr(data_mod._File, "close", close)
     plan = EpochPlan.make(index, 1, 0)
-    for world in WORLDS:
-        for rank in range(world):
-            stream = RankStream(loc.fs, plan, 12, world, rank, 24)
-            batches = 0
-            for _ in stream:
-                batches += 1
-                assert len(live) == 1  # the order only moves forward: finished files are closed
-            stream.close()
-            assert batches == plan.steps(12) - 2
-            assert live == []
-            assert len(stream.opened) >= 2
+    for piece in ingest.epoch_pieces(plan, 0, 24, plan.steps(12) * 12):
+        tables = ingest.read_piece(loc.uri, piece, None)
+        first = next(tables)
+        assert piece.path in _open_paths()  # open while the task streams its row groups
+        rest = list(tables)
+        assert first.num_rows + sum(t.num_rows for t in rest) == piece.rows
+        assert piece.path not in _open_paths()
