@@ -1,0 +1,124 @@
+"""Property 7, table-driven (issue 10): every config or path mistake that is refused before Ray
+starts gets exit 2, one line on stderr starting with "error:", no traceback, in seconds, and
+leaves storage byte-for-byte as it was (no run folder, no data folder). Needs no Ray cluster:
+the CLI runs without RAY_ADDRESS, and none of these may get as far as starting one."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+# name: (extra CLI args, what stderr must say). "{yaml:FILE}" is replaced by the path of a YAML
+# file written from YAML_FILES below; it becomes the --config.
+CASES = {
+    # --- paths that escape --storage: run and config names are one safe folder name ---------
+    "run-name ..": (["--run-name", ".."], "--run-name (checkpoint.run_name): '..' is not a folder name"),
+    "run-name ../escaped": (["--run-name", "../escaped"], "--run-name (checkpoint.run_name): '../escaped'"),
+    "run-name a/b": (["--run-name", "a/b"], "without '/'"),
+    "run-name backslash": (["--run-name", "a\\b"], "without '/' or '\\'"),
+    "run-name leading dot": (["--run-name", ".hidden"], "must not start with '.'"),
+    "run-name newline": (["--run-name", "a\nb"], "control characters"),
+    "run-name empty": (["--run-name", ""], "--run-name (checkpoint.run_name): must not be empty"),
+    "set name=../escaped": (["--set", "name=../escaped"], "name: '../escaped'"),
+    "set name=..": (["--set", "name=.."], "name: '..' is not a folder name"),
+    "set name empty": (["--set", "name="], "name: must not be empty"),
+    "set run_name=../x": (["--set", "checkpoint.run_name=../x"], "(checkpoint.run_name): '../x'"),
+    "yaml name ../escaped": (["{yaml:named.yaml}"], "name: '../escaped'"),
+    "yaml file .hidden.yaml": (["{yaml:.hidden.yaml}"], "name: '.hidden' must not start with '.'"),
+    # --- config ranges ------------------------------------------------------------------------
+    "lr=inf": (["--set", "optim.lr=inf"], "optim.lr: must be a positive number, got inf"),
+    "lr=nan": (["--set", "optim.lr=nan"], "optim.lr: must be a positive number, got nan"),
+    "lr=0": (["--set", "optim.lr=0"], "optim.lr:"),
+    "lr<0": (["--set", "optim.lr=-1e-3"], "optim.lr:"),
+    "weight_decay<0": (["--set", "optim.weight_decay=-5"], "optim.weight_decay: must be >= 0"),
+    "min_lr_ratio>1": (["--set", "optim.min_lr_ratio=5"], "optim.min_lr_ratio: must be in [0, 1]"),
+    "min_lr_ratio<0": (["--set", "optim.min_lr_ratio=-0.5"], "optim.min_lr_ratio: must be in [0, 1]"),
+    "grad_clip<0": (["--set", "optim.grad_clip=-1"], "optim.grad_clip: must be >= 0"),
+    "val_batch_size=0": (["--set", "train.val_batch_size=0"], "train.val_batch_size: must be positive"),
+    "shuffle_seed<0": (["--set", "data.shuffle_seed=-1"], "data.shuffle_seed: must be >= 0"),
+    "keep_best without keep_last": (["--set", "checkpoint.keep_best=2"],
+                                    "checkpoint.keep_best: needs checkpoint.keep_last > 0"),
+    # --- YAML files -----------------------------------------------------------------------------
+    "yaml parse error": (["{yaml:parse.yaml}"], "not valid YAML at line"),
+    "yaml not UTF-8": (["{yaml:latin1.yaml}"], "not UTF-8 text"),
+    "yaml base list": (["{yaml:baselist.yaml}"], "unknown base ['test']"),
+    "yaml top-level list": (["{yaml:list.yaml}"], "expected a mapping at the top level"),
+    "yaml python tag": (["{yaml:tag.yaml}"], "not valid YAML"),
+    # lr: 1e-3 (a string in YAML 1.1) is accepted as a number: the refusal is the next mistake's
+    "yaml lr 1e-3 is a number": (["{yaml:lr.yaml}", "--set", "optim.grad_clip=-1"],
+                                 "optim.grad_clip: must be >= 0"),
+}
+
+YAML_FILES = {
+    "named.yaml": b"name: ../escaped\n",
+    ".hidden.yaml": b"train:\n  max_steps: 5\n",
+    "parse.yaml": b"optim: {lr: [1,\n",
+    "latin1.yaml": b"name: caf\xe9\n",
+    "baselist.yaml": b"base: [test]\n",
+    "list.yaml": b"- base\n- test\n",
+    "tag.yaml": b"x: !!python/object/apply:os.system ['touch pwned']\n",
+    "lr.yaml": b"optim:\n  lr: 1e-3\n",
+}
+
+
+def _snapshot(root: Path) -> dict:
+    """Every folder (with its mtime: a folder made and removed again shows) and file (bytes)."""
+    snap = {}
+    for folder, dirs, files in os.walk(root):
+        snap[folder] = ("dir", os.stat(folder).st_mtime_ns)
+        for name in files:
+            path = os.path.join(folder, name)
+            with open(path, "rb") as f:
+                snap[path] = ("file", f.read(), os.stat(path).st_mtime_ns)
+    return snap
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("bad-input-table")
+    (root / "storage" / "existing-run").mkdir(parents=True)  # something that must stay put
+    (root / "storage" / "existing-run" / "note.txt").write_bytes(b"untouched")
+    (root / "configs").mkdir()
+    for name, data in YAML_FILES.items():
+        (root / "configs" / name).write_bytes(data)
+    return root
+
+
+def _env() -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env["PYTHONPATH"] = str(REPO)
+    return env
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_refused_before_ray_exit_2_one_line_nothing_written(case, root):
+    extra, message = CASES[case]
+    config = ["--config", "test"]
+    args = []
+    for arg in extra:
+        if arg.startswith("{yaml:"):
+            config = ["--config", str(root / "configs" / arg[len("{yaml:"):-1])]
+        else:
+            args.append(arg)
+    argv = [*config, "--storage", str(root / "storage"), "--set", f"data.path={root / 'data'}", *args]
+    before = _snapshot(root)
+    started = time.monotonic()
+    p = subprocess.run([sys.executable, "-m", "ray_job.train", *argv], cwd=REPO, env=_env(),
+                       capture_output=True, text=True, timeout=60)
+    took = time.monotonic() - started
+    assert p.returncode == 2, (p.returncode, p.stderr[-2000:])
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), p.stderr
+    assert message in lines[0], lines[0]
+    assert "Traceback" not in p.stdout + p.stderr
+    assert took < 10, f"{case}: refused after {took:.1f}s"
+    assert _snapshot(root) == before  # storage, data and config files byte-for-byte unchanged
+    assert not (root / "data").exists() and not (root / "escaped").exists()
+    assert not (REPO / "pwned").exists()
