@@ -217,7 +217,7 @@ class Stream:
         source = CursorDatasource(self, pieces(self.index, self.seed, G, self.epoch, self.cursor,
                                                self.steps), pad=(-self.steps % k) * G)
         ds = ray.data.read_datasource(source, override_num_blocks=len(source.todo) + 1,
-                                     ray_remote_args={"num_cpus": READ_CPUS})
+                                     num_cpus=READ_CPUS)
         # Ray fuses map_batches with the strict repartition (operator_fusion.py), so the
         # fused task gets exactly k*G rows per batch. It must not fuse the read in too: the
         # exact bundler would then count each read task as one row and hand k*G of them to
