@@ -26,7 +26,7 @@ def production() -> Config:
         optim=OptimConfig(lr=6e-4, weight_decay=0.1, warmup_steps=2000, decay_steps=100_000),
         train=TrainConfig(max_steps=100_000, global_batch_size=256, grad_accum_steps=1,
                           mixed_precision="bf16", log_every=10, val_every=1000, val_batch_size=32),
-        scaling=ScalingConfig(num_workers=8, use_gpu=True, cpus_per_worker=4),
+        scaling=ScalingConfig(num_workers=8, use_gpu=True, cpus_per_worker=4, data_cpus=32),
         checkpoint=CheckpointConfig(storage="gs://my-training-checkpoints/runs", every=1000,
                                     max_failures=3, preemption_check_every=10, keep_last=5,
                                     keep_best=2),

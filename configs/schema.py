@@ -169,9 +169,14 @@ class ScalingConfig:
     """Logical CPUs each worker reserves."""
     placement_strategy: str = "PACK"
     """Ray placement group strategy for the workers: PACK, SPREAD, STRICT_PACK, STRICT_SPREAD."""
+    data_cpus: float = 2.0
+    """Logical CPUs left for Ray Data beside the workers' (read tasks take 0.5, the reorder 1):
+    a local Ray gets this many more; on a cluster, nodes must have them free (cluster.yaml)."""
 
     def __post_init__(self):
         _require(self.num_workers > 0, "scaling.num_workers", "must be positive")
+        _require(_finite(self.data_cpus) and self.data_cpus >= 1.5, "scaling.data_cpus",
+                 "must be at least 1.5 (one read task and the reorder)")
         _require(_finite(self.cpus_per_worker) and self.cpus_per_worker > 0, "scaling.cpus_per_worker",
                  "must be positive")
         _require(self.placement_strategy in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),

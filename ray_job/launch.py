@@ -23,7 +23,6 @@ from trainers.ingest import train_dataset
 from trainers.loop import train_loop
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DATA_CPUS = 2  # beside the train workers: Ray Data read tasks (0.5 CPU) and the reorder (1 CPU)
 
 
 def init_ray(cfg: Config) -> None:
@@ -42,7 +41,7 @@ def init_ray(cfg: Config) -> None:
         # Logical CPUs: the workers' plus Ray Data's; on a 2-core machine the workers alone
         # would take them all and iteration would hang.
         cpus = max(os.cpu_count() or 1,
-                   math.ceil(cfg.scaling.num_workers * cfg.scaling.cpus_per_worker) + DATA_CPUS)
+                   math.ceil(cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + cfg.scaling.data_cpus))
         ray.init(num_cpus=cpus, runtime_env=runtime_env, include_dashboard=False, log_to_driver=True)
 
 

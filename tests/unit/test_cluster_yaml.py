@@ -39,3 +39,13 @@ def test_setup_installs_requirements_dashboard_local_token_auth():
     assert "--dashboard-host=127.0.0.1" in head and "RAY_AUTH_MODE=token" in head
     assert "RAY_AUTH_MODE=token" in " ".join(CONFIG["worker_start_ray_commands"])
     assert "~/.ray/auth_token" in CONFIG["file_mounts"]
+
+
+def test_worker_nodes_fit_the_production_workers_and_ray_data():
+    from configs.presets import production
+
+    scaling = production().scaling
+    worker = next(t for name, t in CONFIG["available_node_types"].items() if name != CONFIG["head_node_type"])
+    assert worker["resources"]["GPU"] == scaling.num_workers  # one node holds the run
+    needed = scaling.num_workers * scaling.cpus_per_worker + scaling.data_cpus
+    assert worker["resources"]["CPU"] >= needed, "Ray Data would starve beside the train workers"
