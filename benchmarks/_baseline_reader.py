@@ -12,7 +12,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 import _common  # noqa: F401  (puts the repo on sys.path)
-from trainers.data import EpochPlan
+from trainers.data import EpochOrder
 
 
 class _File:
@@ -54,7 +54,7 @@ class _File:
 class RankStream:
     """Rank r's batches of one epoch from a global cursor; records every file it opens."""
 
-    def __init__(self, fs: pafs.FileSystem, plan: EpochPlan, global_batch: int, world: int,
+    def __init__(self, fs: pafs.FileSystem, plan: EpochOrder, global_batch: int, world: int,
                  rank: int, cursor: int):
         if cursor % global_batch:
             raise ValueError(f"cursor {cursor} is not a multiple of the global batch {global_batch}")

@@ -32,7 +32,7 @@ import ray
 from _baseline_reader import RankStream
 from ray.data import ExecutionOptions
 
-from trainers.data import EpochPlan, build_index
+from trainers.data import EpochOrder, build_index
 from trainers.ingest import Stream, check_batch
 
 G = 16
@@ -82,7 +82,7 @@ def rows_decoded(audit: Path) -> int:
 
 
 def baseline_rows_decoded(index, world: int) -> int:
-    plan = EpochPlan.make(index, 0, 0)
+    plan = EpochOrder.make(index, 0, 0)
     total = 0
     for rank in range(world):
         stream = RankStream(pafs.LocalFileSystem(), plan, G, world, rank, 0)

@@ -28,13 +28,13 @@ from accelerate import skip_first_batches
 from torch.utils.data import DataLoader, IterableDataset
 
 from trainers import ingest
-from trainers.data import EpochPlan, build_index
+from trainers.data import EpochOrder, build_index
 
 
 class ParquetRows(IterableDataset):
     """The plain way: stream the epoch's files in order, row by row."""
 
-    def __init__(self, plan: EpochPlan):
+    def __init__(self, plan: EpochOrder):
         self.paths = [plan.index.files[i] for i in plan.order]
 
     def __iter__(self):
@@ -71,7 +71,7 @@ def main() -> None:
     _common.make_corpus(folder, files, rows, sample)
     fs = pafs.LocalFileSystem()
     index = build_index(fs, str(folder))
-    plan = EpochPlan.make(index, seed=0, epoch=0)
+    plan = EpochOrder.make(index, seed=0, epoch=0)
     batch = 32
     steps = plan.steps(batch)
     repeats = 1 if args.quick else 15  # ours is ~1 ms: the median of many, interleaved

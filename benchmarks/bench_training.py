@@ -25,7 +25,7 @@ import torch
 from configs import load, with_overrides
 from configs.schema import parse_set
 from _baseline_reader import RankStream
-from trainers.data import EpochPlan, build_index
+from trainers.data import EpochOrder, build_index
 from trainers.model import GPT
 
 
@@ -43,7 +43,7 @@ def plain_loop(cfg, folder: Path, steps: int) -> float:
     torch.manual_seed(cfg.train.seed)
     model = GPT(cfg.model)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
-    plan = EpochPlan.make(build_index(pafs.LocalFileSystem(), str(folder)), cfg.data.shuffle_seed, 0)
+    plan = EpochOrder.make(build_index(pafs.LocalFileSystem(), str(folder)), cfg.data.shuffle_seed, 0)
     batches = iter(RankStream(pafs.LocalFileSystem(), plan, cfg.train.global_batch_size, 1, 0, 0))
     first = None
     for step in range(steps):

@@ -20,6 +20,7 @@ from ray.train.torch import TorchTrainer
 from configs.schema import Config
 from storage.location import Location
 from trainers.ingest import train_dataset
+from trainers.launch_plan import LaunchPlan
 from trainers.loop import train_loop
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,7 +46,7 @@ def init_ray(cfg: Config) -> None:
         ray.init(num_cpus=cpus, runtime_env=runtime_env, include_dashboard=False, log_to_driver=True)
 
 
-def fit(cfg: Config, run: Location, storage: Location, plan: dict):
+def fit(cfg: Config, run: Location, storage: Location, plan: LaunchPlan):
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=plan,

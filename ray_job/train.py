@@ -6,7 +6,7 @@ import os
 import sys
 import uuid
 
-from configs.schema import ConfigError, to_dict, with_overrides
+from configs.schema import ConfigError, with_overrides
 from ray_job.cli import parser, resolve_config
 from ray_job.errors import UserError
 
@@ -16,6 +16,7 @@ def prepare(argv: list[str] | None = None) -> tuple:
     from ray_job import data_prep, resume
     from storage.location import StorageUnreachable, probe, resolve
     from trainers.data import DataIndex, build_index
+    from trainers.launch_plan import LaunchPlan, ResumePoint
 
     args = parser().parse_args(argv)
     cfg = resolve_config(args)
@@ -51,18 +52,13 @@ def prepare(argv: list[str] | None = None) -> tuple:
         raise UserError(f"data.path {data.uri}: {index.total_rows} train samples, fewer than one "
                         f"global batch ({cfg.train.global_batch_size}); lower "
                         "--set train.global_batch_size or add data")
-    plan = {
-        "config": to_dict(cfg),
-        "launch_id": uuid.uuid4().hex,
-        "run_name": cfg.run_name,
-        "run_uri": run.uri,
-        "max_steps": cfg.train.max_steps,
-        "data_index": index.to_json(),
-        "resume": {"name": choice.name, "uri": choice.loc.uri, "step": choice.step,
-                   "epoch": int(choice.metadata["epoch"]),
-                   "samples_in_epoch": int(choice.metadata["samples_in_epoch"])} if choice else None,
-        "audit_dir": os.path.abspath(args.audit_dir) if args.audit_dir else None,
-    }
+    plan = LaunchPlan(
+        config=cfg, launch_id=uuid.uuid4().hex, run_uri=run.uri, data_index=index,
+        resume=ResumePoint(name=choice.name, uri=choice.loc.uri, step=choice.step,
+                           epoch=int(choice.metadata["epoch"]),
+                           samples_in_epoch=int(choice.metadata["samples_in_epoch"])) if choice else None,
+        audit_dir=os.path.abspath(args.audit_dir) if args.audit_dir else None,
+    )
     if choice is not None:
         print(f"🔎 --resume {args.resume} -> {choice.loc.uri} (step {choice.step}, verified)")
 

@@ -56,7 +56,7 @@ def epoch_order(num_files: int, seed: int, epoch: int) -> list[int]:
 
 
 @dataclass(frozen=True)
-class EpochPlan:
+class EpochOrder:
     """Where every global sample of one epoch lives."""
 
     index: DataIndex
@@ -64,7 +64,7 @@ class EpochPlan:
     starts: tuple[int, ...]  # global offset of each ordered file's first row
 
     @classmethod
-    def make(cls, index: DataIndex, seed: int, epoch: int) -> "EpochPlan":
+    def make(cls, index: DataIndex, seed: int, epoch: int) -> "EpochOrder":
         order = tuple(epoch_order(len(index.files), seed, epoch))
         starts, total = [], 0
         for i in order:

@@ -37,7 +37,8 @@ import pyarrow.parquet as pq
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
-from trainers.data import DataIndex, EpochPlan
+from trainers.data import DataIndex, EpochOrder
+from trainers.launch_plan import LaunchPlan
 
 ROW_OVERHEAD = 8 + 4 + 8  # id, epoch, pos beside the tokens
 BLOCK_BYTES_PER_RANK = 1 << 20
@@ -71,22 +72,22 @@ def pieces(index: DataIndex, seed: int, global_batch: int, epoch: int, cursor: i
         raise ValueError(f"cursor {cursor} is not a multiple of the global batch {global_batch}")
     out: list[Piece] = []
     while steps > 0:
-        plan = EpochPlan.make(index, seed, epoch)
-        per_epoch = plan.steps(global_batch)
+        order = EpochOrder.make(index, seed, epoch)
+        per_epoch = order.steps(global_batch)
         if per_epoch == 0:
             raise ValueError(f"the dataset has {index.total_rows} samples, fewer than one global "
                              f"batch ({global_batch})")
         take = min(steps, per_epoch - cursor // global_batch)
-        out += epoch_pieces(plan, epoch, cursor, cursor + take * global_batch)
+        out += epoch_pieces(order, epoch, cursor, cursor + take * global_batch)
         steps -= take
         epoch, cursor = epoch + 1, 0
     return out
 
 
-def epoch_pieces(plan: EpochPlan, epoch: int, start: int, stop: int) -> list[Piece]:
+def epoch_pieces(order: EpochOrder, epoch: int, start: int, stop: int) -> list[Piece]:
     """Epoch positions [start, stop) as file pieces, in order."""
-    return [Piece(epoch, plan.index.files[plan.order[pos]], first, end, plan.starts[pos] + first)
-            for pos, first, end in plan.locate(start, stop)]
+    return [Piece(epoch, order.index.files[order.order[pos]], first, end, order.starts[pos] + first)
+            for pos, first, end in order.locate(start, stop)]
 
 
 def steps_per_block(global_batch: int, world: int, row_bytes: int, steps: int,
@@ -263,25 +264,23 @@ def _bind(fn, *args):
     return read
 
 
-def train_dataset(plan: dict):
+def train_dataset(plan: LaunchPlan):
     """`TorchTrainer(datasets={"train": ...})`: Ray Train calls this on every worker-group
     start (train/v2/_internal/callbacks/datasets.py), so an in-run retry rebuilds the stream
     from the same checkpoint the loop restores (trainers/source.py decides for both)."""
     import ray.data
 
-    from configs.schema import Config, from_dict
     from trainers import source
 
-    cfg = from_dict(Config, plan["config"])
+    cfg = plan.config
     start = source.choose(plan)
     step, epoch, cursor = (start.step, start.epoch, start.samples_in_epoch) if start else (0, 0, 0)
-    steps = plan["max_steps"] - step
+    steps = cfg.train.max_steps - step
     if steps <= 0:
         return ray.data.from_arrow(SCHEMA.empty_table())
     return Stream(
-        data_uri=cfg.data.path, index=DataIndex.from_json(plan["data_index"]),
-        seed=cfg.data.shuffle_seed, global_batch=cfg.train.global_batch_size,
-        world=cfg.scaling.num_workers, row_bytes=cfg.model.seq_len + 1, epoch=epoch,
-        cursor=cursor, steps=steps, steps_per_block=cfg.data.steps_per_block,
-        audit_dir=plan.get("audit_dir"),
+        data_uri=cfg.data.path, index=plan.data_index, seed=cfg.data.shuffle_seed,
+        global_batch=cfg.train.global_batch_size, world=cfg.scaling.num_workers,
+        row_bytes=cfg.model.seq_len + 1, epoch=epoch, cursor=cursor, steps=steps,
+        steps_per_block=cfg.data.steps_per_block, audit_dir=plan.audit_dir,
     ).dataset()

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from storage import checkpoint as ckpt
 from storage.location import Location, resolve
+from trainers.launch_plan import LaunchPlan
 
 
 @dataclass(frozen=True)
@@ -33,19 +34,18 @@ class Source:
     retry: bool  # this launch's own checkpoint, after Ray restarted the workers
 
 
-def choose(plan: dict) -> Source | None:
-    run = resolve(plan["run_uri"])
+def choose(plan: LaunchPlan) -> Source | None:
+    run = resolve(plan.run_uri)
     for entry in reversed(ckpt.list_checkpoints(run)):
         result = ckpt.check(entry.loc)
         if not result.ok:
             continue  # a save in flight or killed mid-upload
-        if result.metadata.get("launch_id") == plan["launch_id"]:
+        if result.metadata.get("launch_id") == plan.launch_id:
             m = result.metadata
             return Source(entry.loc, str(entry.name), int(m["step"]), int(m["epoch"]),
                           int(m["samples_in_epoch"]), retry=True)
         break
-    r = plan.get("resume")
-    if r:
-        return Source(resolve(r["uri"]), r["name"], r["step"], r["epoch"], r["samples_in_epoch"],
-                      retry=False)
+    r = plan.resume
+    if r is not None:
+        return Source(resolve(r.uri), r.name, r.step, r.epoch, r.samples_in_epoch, retry=False)
     return None

@@ -1,7 +1,7 @@
 """TrainState: everything about progress that a resume restores, as one unit.
 
 metadata.json and training_metrics.json are views of it. Torch objects (model, optimizer,
-scheduler, RNG) are saved beside it; see trainers/checkpointing.py for the mapping.
+scheduler, RNG) are saved beside it; see trainers/checkpointer.py for the mapping.
 """
 
 from __future__ import annotations

@@ -115,10 +115,10 @@ def runs(ray_address, tmp_path_factory) -> Runs:
                               "--audit-dir", trail / "chain1"], ray_address)
     assert first.rc == 0, first.out[-4000:]
 
-    from trainers.data import DataIndex, EpochPlan
+    from trainers.data import DataIndex, EpochOrder
 
     meta = read_json(storage / "chain" / "checkpoint-epoch0-step10-files2" / "metadata.json")
-    plan = EpochPlan.make(DataIndex.from_json(meta["data_index"]), meta["config"]["data"]["shuffle_seed"], 0)
+    plan = EpochOrder.make(DataIndex.from_json(meta["data_index"]), meta["config"]["data"]["shuffle_seed"], 0)
     done = [plan.index.files[i] for i in plan.order[: plan.files_done(meta["samples_in_epoch"])]]
     for path in done:
         shutil.copy(path, path + ".bak")

@@ -23,7 +23,7 @@ FILES = {
     "shards/part-0.bin": os.urandom(100),
     "empty.bin": b"",
 }
-FLAT = {k: v for k, v in FILES.items() if "/" not in k}  # what trainers/checkpointing.py writes
+FLAT = {k: v for k, v in FILES.items() if "/" not in k}  # what trainers/checkpointer.py writes
 
 
 def realistic_meta(name="checkpoint-epoch0-step8-files2", **over):

@@ -19,7 +19,7 @@ import pytest
 from storage.location import resolve
 from trainers import data as data_mod
 from trainers import ingest
-from trainers.data import DataIndex, EpochPlan, build_index
+from trainers.data import DataIndex, EpochOrder, build_index
 
 ROWS = [37, 50, 0, 23, 64, 41, 29, 1]  # one empty file, one single-row file
 ROW_GROUP = 7  # never aligned with the global batches below
@@ -142,7 +142,7 @@ def test_build_index_lists_sorted_parquet_with_footer_counts(dataset):
 @pytest.mark.parametrize("seed,epoch", [(0, 0), (0, 1), (1234, 3), (7, 10)])
 def test_plan_is_a_permutation_with_cumulative_starts(dataset, seed, epoch):
     loc, index = dataset
-    plan = EpochPlan.make(index, seed, epoch)
+    plan = EpochOrder.make(index, seed, epoch)
     assert sorted(plan.order) == list(range(len(ROWS)))
     total, starts = 0, []
     for i in plan.order:
@@ -155,7 +155,7 @@ def test_plan_is_a_permutation_with_cumulative_starts(dataset, seed, epoch):
 
 def test_locate_matches_brute_force(dataset):
     loc, index = dataset
-    plan = EpochPlan.make(index, 3, 0)
+    plan = EpochOrder.make(index, 3, 0)
     _, file_pos = expected_epoch(index, plan)
     starts = {}
     for gpos, p in enumerate(file_pos):
@@ -177,7 +177,7 @@ def test_locate_matches_brute_force(dataset):
 @pytest.mark.parametrize("epoch", [0, 1])
 def test_every_sample_exactly_once_and_same_global_sequence_for_all_world_sizes(dataset, g, epoch):
     loc, index = dataset
-    plan = EpochPlan.make(index, 11, epoch)
+    plan = EpochOrder.make(index, 11, epoch)
     expected_ids, _ = expected_epoch(index, plan)
     steps = sum(ROWS) // g
     assert plan.steps(g) == steps
@@ -200,7 +200,7 @@ def test_every_sample_exactly_once_and_same_global_sequence_for_all_world_sizes(
 
 def test_rank_slices_are_the_documented_ranges(dataset):
     loc, index = dataset
-    plan = EpochPlan.make(index, 5, 2)
+    plan = EpochOrder.make(index, 5, 2)
     expected_ids, _ = expected_epoch(index, plan)
     g, world = 12, 4
     per = g // world
@@ -217,7 +217,7 @@ def test_rank_slices_are_the_documented_ranges(dataset):
 def test_resume_is_the_suffix_and_skips_finished_files(dataset, world):
     loc, index = dataset
     g = 12
-    plan = EpochPlan.make(index, 2, 1)
+    plan = EpochOrder.make(index, 2, 1)
     _, file_pos = expected_epoch(index, plan)
     steps = plan.steps(g)
     per = g // world
@@ -247,7 +247,7 @@ def test_resume_is_the_suffix_and_skips_finished_files(dataset, world):
 def test_resume_on_another_world_size_continues_the_same_global_sequence(dataset):
     loc, index = dataset
     g = 12
-    plan = EpochPlan.make(index, 9, 0)
+    plan = EpochOrder.make(index, 9, 0)
     reference = global_sequence(loc, plan, g, 1)
     for c in (12, 36, 96, 120, 228):
         for world in WORLDS:
@@ -256,7 +256,7 @@ def test_resume_on_another_world_size_continues_the_same_global_sequence(dataset
 
 def test_resume_reads_from_the_row_group_holding_the_cursor(dataset, tmp_path):
     loc, index = dataset
-    plan = EpochPlan.make(index, 4, 0)
+    plan = EpochOrder.make(index, 4, 0)
     gb = 4
     checked = 0
     for c in range(0, plan.steps(gb) * gb, gb):
@@ -275,7 +275,7 @@ def test_resume_reads_from_the_row_group_holding_the_cursor(dataset, tmp_path):
 def test_each_row_group_is_read_once_per_epoch(dataset, tmp_path):
     """Read once: across all ranks, every (file, row group) of the epoch is decoded once."""
     loc, index = dataset
-    plan = EpochPlan.make(index, 6, 0)
+    plan = EpochOrder.make(index, 6, 0)
     g = 12
     _, opens = ingest_reads(loc, plan, g, 0, tmp_path)
     groups = [(f, grp) for f, _, gs in opens for grp in gs]
@@ -292,7 +292,7 @@ def test_each_row_group_is_read_once_per_epoch(dataset, tmp_path):
 @pytest.mark.parametrize("k", [1, 2, 5, 100])
 def test_every_block_size_deals_the_same_rank_slices(dataset, tmp_path, k):
     loc, index = dataset
-    plan = EpochPlan.make(index, 8, 3)
+    plan = EpochOrder.make(index, 8, 3)
     for world in (2, 4):
         for rank in range(world):
             a, _ = run_stream(loc, plan, 12, world, rank, 24, k=k, trail=tmp_path)
@@ -320,7 +320,7 @@ def test_position_guard_refuses_a_batch_from_the_wrong_place():
 def test_stream_spans_epochs_from_the_cursor(dataset):
     loc, index = dataset
     g = 12
-    per_epoch = EpochPlan.make(index, 2, 0).steps(g)
+    per_epoch = EpochOrder.make(index, 2, 0).steps(g)
     got = ingest.pieces(index, 2, g, 0, (per_epoch - 2) * g, 5)
     assert sum(p.rows for p in got) == 5 * g
     assert {p.epoch for p in got} == {0, 1}
@@ -334,29 +334,29 @@ def test_stream_spans_epochs_from_the_cursor(dataset):
 @pytest.mark.parametrize("seed", [0, 1, 1234])
 def test_epoch_orders_differ_between_epochs_and_are_reproducible(dataset, seed):
     loc, index = dataset
-    orders = [EpochPlan.make(index, seed, e).order for e in range(6)]
+    orders = [EpochOrder.make(index, seed, e).order for e in range(6)]
     for a, b in zip(orders, orders[1:]):
         assert a != b
     assert len(set(orders)) > 3
-    assert [EpochPlan.make(index, seed, e).order for e in range(6)] == orders
-    again = EpochPlan.make(DataIndex.from_json(index.to_json()), seed, 0)
-    assert again == EpochPlan.make(index, seed, 0)
+    assert [EpochOrder.make(index, seed, e).order for e in range(6)] == orders
+    again = EpochOrder.make(DataIndex.from_json(index.to_json()), seed, 0)
+    assert again == EpochOrder.make(index, seed, 0)
 
 
 def test_different_seeds_give_different_orders(dataset):
     loc, index = dataset
-    orders = {EpochPlan.make(index, seed, 0).order for seed in range(8)}
+    orders = {EpochOrder.make(index, seed, 0).order for seed in range(8)}
     assert len(orders) > 4
 
 
 def test_epoch_streams_differ_but_cover_the_same_samples(dataset):
     loc, index = dataset
     g = 1  # no remainder dropped: each epoch is every sample
-    e0 = global_sequence(loc, EpochPlan.make(index, 0, 0), g, 1)
-    e1 = global_sequence(loc, EpochPlan.make(index, 0, 1), g, 1)
+    e0 = global_sequence(loc, EpochOrder.make(index, 0, 0), g, 1)
+    e1 = global_sequence(loc, EpochOrder.make(index, 0, 1), g, 1)
     assert e0 != e1
     assert sorted(e0) == sorted(e1) == sorted(make_id(f, i) for f, n in enumerate(ROWS) for i in range(n))
-    assert global_sequence(loc, EpochPlan.make(index, 0, 1), g, 1) == e1
+    assert global_sequence(loc, EpochOrder.make(index, 0, 1), g, 1) == e1
 
 
 # --- (e): files_done ----------------------------------------------------------------------------
@@ -364,7 +364,7 @@ def test_epoch_streams_differ_but_cover_the_same_samples(dataset):
 @pytest.mark.parametrize("seed,epoch", [(0, 0), (0, 1), (3, 2), (42, 7)])
 def test_files_done_matches_brute_force(dataset, seed, epoch):
     loc, index = dataset
-    plan = EpochPlan.make(index, seed, epoch)
+    plan = EpochOrder.make(index, seed, epoch)
     _, file_pos = expected_epoch(index, plan)
     n = len(ROWS)
     for cursor in range(0, sum(ROWS) + 1):
@@ -387,7 +387,7 @@ def test_cursor_not_a_multiple_of_the_global_batch(dataset, cursor):
 
 def test_cursor_at_the_end_yields_nothing(dataset):
     loc, index = dataset
-    plan = EpochPlan.make(index, 0, 0)
+    plan = EpochOrder.make(index, 0, 0)
     g = 12
     end = plan.steps(g) * g
     for world in WORLDS:
@@ -424,7 +424,7 @@ def _open_paths():
 
 def test_read_task_closes_its_file(dataset):
     loc, index = dataset
-    plan = EpochPlan.make(index, 1, 0)
+    plan = EpochOrder.make(index, 1, 0)
     for piece in ingest.epoch_pieces(plan, 0, 24, plan.steps(12) * 12):
         tables = ingest.read_piece(loc.uri, piece, None)
         first = next(tables)

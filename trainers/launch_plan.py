@@ -1,0 +1,37 @@
+"""What the driver hands every worker: one frozen, typed launch plan. Torch-free: the driver,
+Ray Train's controller (which builds the train dataset) and the workers all read it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from configs.schema import Config
+from trainers.data import DataIndex
+
+
+@dataclass(frozen=True, kw_only=True)
+class ResumePoint:
+    """The checkpoint --resume named, resolved and verified on the driver."""
+
+    name: str
+    uri: str
+    step: int
+    epoch: int
+    samples_in_epoch: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class LaunchPlan:
+    config: Config
+    """The resolved config; absolute data and storage locations (workers run elsewhere)."""
+    launch_id: str
+    """This launch; Ray's in-run retries keep it, a new job gets a new one."""
+    run_uri: str
+    """{storage}/{run_name}: where this run's checkpoints go."""
+    data_index: DataIndex
+    """The train files and their row counts, fixed for the run (a resume reuses the
+    checkpoint's, so a changed folder cannot reorder the data)."""
+    resume: ResumePoint | None = None
+    """--resume, for the first attempt; in-run retries use this launch's newest checkpoint."""
+    audit_dir: str | None = None
+    """--audit-dir (absolute): per-rank sample ids and the read tasks' opens."""

@@ -1,0 +1,51 @@
+"""Ray's preemption notice: save a checkpoint at once, then hold until the node goes."""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import ray.train
+
+from configs.schema import Config
+
+
+class PreemptionWatch:
+    def __init__(self, cfg: Config, say: Callable[[str], None]):
+        self.every = cfg.checkpoint.preemption_check_every
+        self.wait_s = cfg.checkpoint.preemption_wait_s
+        self.say = say
+        self.notified = False  # one checkpoint per notice; Ray restarts us after the node goes
+
+    def notice(self, step: int):
+        """Ray's notice that a node of this run is being preempted (first time only), or None.
+
+        get_preemption_info() is a barrier: every rank calls it at the same steps.
+        """
+        if not self.every or step % self.every:
+            return None
+        info = ray.train.get_preemption_info()
+        if info is None or self.notified:
+            return None
+        self.notified = True
+        self.say(f"\n⚠️  Preemption notice: node(s) {', '.join(n[:12] for n in info.preempted_node_ids)} "
+                 f"(ranks {info.preempted_ranks}) go away{_deadline(info)}: saving a checkpoint now")
+        return info
+
+    def hold(self, info) -> None:
+        """Every rank waits (they all got the same notice) until the node is gone, the deadline
+        passes, or preemption_wait_s runs out: steps trained now would die with the node."""
+        wait = self.wait_s
+        if info.deadline_ms is not None:
+            wait = min(wait, max(0.0, info.deadline_ms / 1000 - time.time()))
+        if wait <= 0:
+            return
+        self.say(f"⏸️  Holding training up to {wait:.0f}s for the preemption (Ray restarts the run "
+                 "from the checkpoint once the node is gone)")
+        time.sleep(wait)
+
+
+def _deadline(info) -> str:
+    if info.deadline_ms is None:
+        return ""
+    return f" in {max(0.0, info.deadline_ms / 1000 - time.time()):.0f}s"
