@@ -204,6 +204,10 @@ class CheckpointConfig:
     """Retention: keep the newest N complete checkpoints (0 keeps everything)."""
     keep_best: int = 0
     """Retention: also keep the K with the lowest validation loss."""
+    lease_stale_s: float = 120.0
+    """One launch writes a run at a time (its lease, {run}/.lease.json, refreshed every
+    min(20, lease_stale_s / 4) s). A lease whose heartbeat is older than this was left by a
+    killed job and the next launch takes it over; hosts' clocks must agree well within it."""
 
     def __post_init__(self):
         _require(self.every > 0, "checkpoint.every", "must be positive")
@@ -216,6 +220,9 @@ class CheckpointConfig:
         _require(_finite(self.preemption_wait_s) and self.preemption_wait_s >= 0,
                  "checkpoint.preemption_wait_s", "must be >= 0")
         _require(self.keep_best >= 0, "checkpoint.keep_best", "must be >= 0")
+        _require(_finite(self.lease_stale_s) and self.lease_stale_s >= 10, "checkpoint.lease_stale_s",
+                 f"must be at least 10 (seconds without a heartbeat before a run's lease is taken "
+                 f"over), got {self.lease_stale_s}")
         _require(self.keep_best == 0 or self.keep_last > 0, "checkpoint.keep_best",
                  "needs checkpoint.keep_last > 0 (keep_last=0 keeps every checkpoint, so "
                  "keep_best would do nothing)")

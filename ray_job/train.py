@@ -66,26 +66,46 @@ def prepare(argv: list[str] | None = None) -> tuple:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        cfg, storage, run, plan = prepare(argv)
-    except (UserError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    from ray_job import launch
+    from ray_job import ownership
 
-    print(f"🚀 Run '{cfg.run_name}': checkpoints in {run.uri}, {cfg.scaling.num_workers} workers, "
-          f"max_steps {cfg.train.max_steps}")
-    launch.init_ray(cfg)
+    lease = None
     try:
-        result = launch.fit(cfg, run, storage, plan)
-    except Exception as e:  # Ray wraps worker errors; the traceback is in the log above
-        print(f"❌ Training failed: {type(e).__name__}: {e}", file=sys.stderr)
-        return 1
-    metrics = result.metrics or {}
-    print(f"🏁 Done: step {metrics.get('step')}, epoch {metrics.get('epoch')}, "
-          f"last checkpoint {metrics.get('checkpoint')} (progress started at step "
-          f"{metrics.get('progress_initial')})")
-    return 0
+        try:
+            cfg, storage, run, plan = prepare(argv)
+            lease = ownership.take_run(cfg, run, plan)  # one launch writes a run; before Ray
+        except (UserError, ConfigError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        from ray_job import launch
+
+        print(f"🚀 Run '{cfg.run_name}': checkpoints in {run.uri}, {cfg.scaling.num_workers} workers, "
+              f"max_steps {cfg.train.max_steps}")
+        try:
+            launch.init_ray(cfg)
+        except Exception as e:  # no cluster at RAY_ADDRESS, a malformed address, ...
+            first = (str(e).strip().splitlines() or [""])[0][:300]
+            print(f"❌ Ray did not start: {type(e).__name__}: {first} (RAY_ADDRESS="
+                  f"{os.environ.get('RAY_ADDRESS') or 'unset: a local Ray'})", file=sys.stderr)
+            return 1
+        try:
+            result = launch.fit(cfg, run, storage, plan)
+        except Exception as e:  # Ray wraps worker errors; the traceback is in the log above
+            print(f"❌ Training failed: {type(e).__name__}: {e}", file=sys.stderr)
+            return 1
+        metrics = result.metrics or {}
+        print(f"🏁 Done: step {metrics.get('step')}, epoch {metrics.get('epoch')}, "
+              f"last checkpoint {metrics.get('checkpoint')} (progress started at step "
+              f"{metrics.get('progress_initial')})")
+        return 0
+    except KeyboardInterrupt:
+        if lease is not None and lease.lost:  # ownership said why already
+            return 1
+        print("error: interrupted (Ctrl-C); complete checkpoints are kept, one being written stays "
+              "incomplete and is never resumed", file=sys.stderr)
+        return 130
+    finally:
+        if lease is not None:
+            lease.release()
 
 
 if __name__ == "__main__":
