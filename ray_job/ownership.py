@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import _thread
 import sys
+from typing import TYPE_CHECKING
 
 from configs.schema import Config
 from ray_job.errors import UserError
 from storage.lease import Lease, LeaseError
 from storage.location import Location, resolve
 
+if TYPE_CHECKING:
+    from trainers.launch_plan import LaunchPlan
 
-def take_run(cfg: Config, run: Location, plan: dict) -> Lease:
+
+def take_run(cfg: Config, run: Location, plan: LaunchPlan) -> Lease:
     """Own the run for this launch, or refuse (UserError, nothing written).
 
     Then look at the run again: a launch that finished between prepare()'s checks and our lease
@@ -20,7 +24,7 @@ def take_run(cfg: Config, run: Location, plan: dict) -> Lease:
     """
     from ray_job import resume
 
-    lease = Lease(run, plan["launch_id"], stale_s=cfg.checkpoint.lease_stale_s)
+    lease = Lease(run, plan.launch_id, stale_s=cfg.checkpoint.lease_stale_s)
     try:
         lease.acquire()
     except LeaseError as e:
@@ -37,13 +41,14 @@ def take_run(cfg: Config, run: Location, plan: dict) -> Lease:
     return lease
 
 
-def _choice(plan: dict):
+def _choice(plan: LaunchPlan):
+    """The ResumeChoice prepare() made, rebuilt from the plan (the overwrite guard's input)."""
     from ray_job.resume import ResumeChoice
 
-    r = plan.get("resume")
+    r = plan.resume
     if r is None:
         return None
-    return ResumeChoice(name=r["name"], loc=resolve(r["uri"]), metadata={"step": r["step"]})
+    return ResumeChoice(name=r.name, loc=resolve(r.uri), metadata={"step": r.step})
 
 
 def _stop_this_launch(reason: str) -> None:
