@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from configs.schema import Config
 from ray_job.errors import UserError
 from storage import checkpoint as ckpt
-from storage.location import Location, resolve
+from storage.location import Location, StorageUnreachable, probe, resolve
 from storage.names import CheckpointName
 
 
@@ -39,10 +39,7 @@ def resolve_resume(arg: str, run: Location) -> ResumeChoice:
             )
         loc, name = entry.loc, str(entry.name)
     elif "/" in arg or "://" in arg:
-        try:
-            loc = resolve(arg)
-        except ValueError as e:
-            raise UserError(f"--resume {arg}: {e}") from None
+        loc = _checkpoint_folder(arg)
         name = loc.path.rstrip("/").rsplit("/", 1)[-1]
         if ckpt.check(loc).status is ckpt.Status.INCOMPLETE and not _any_file(loc):
             raise UserError(f"No files found for checkpoint {arg}: nothing at {loc.uri}")
@@ -66,10 +63,42 @@ def resolve_resume(arg: str, run: Location) -> ResumeChoice:
     return ResumeChoice(name=name, loc=loc, metadata=result.metadata)
 
 
-def _any_file(loc: Location) -> bool:
+def _checkpoint_folder(arg: str) -> Location:
+    """--resume PATH/URI: a folder named like a checkpoint, reachable, before anything is listed
+    (a file, `/` or a big folder is refused by its name, never walked)."""
     import pyarrow.fs as pafs
 
-    sel = pafs.FileSelector(loc.path, recursive=True, allow_not_found=True)
+    try:
+        loc = resolve(arg)
+    except ValueError as e:
+        raise UserError(f"--resume {arg}: {e}") from None
+    if loc.is_remote:
+        try:
+            probe(loc)  # no credentials or no bucket: seconds, not a minute of retries
+        except StorageUnreachable as e:
+            raise UserError(f"--resume {e}") from None
+    folder = loc.path.rstrip("/").rsplit("/", 1)[-1]
+    if loc.fs.get_file_info(loc.path).type == pafs.FileType.File:
+        parent = loc.uri.rstrip("/").rsplit("/", 1)[0]
+        hint = f" (--resume {parent}?)" if folder == ckpt.METADATA else ""
+        raise UserError(f"--resume {arg}: {loc.uri} is a file; give the checkpoint folder that "
+                        f"holds metadata.json{hint}")
+    if CheckpointName.try_parse(folder) is None:
+        raise UserError(f"--resume {arg}: {loc.uri} is not a checkpoint folder (its name is not "
+                        "checkpoint-epoch{E}-step{S}-files{F}); give a checkpoint folder, a "
+                        "checkpoint name in this run, or latest")
+    return loc
+
+
+def _any_file(loc: Location) -> bool:
+    """Whether the checkpoint folder holds anything. Not recursive: a checkpoint's files sit
+    directly in it, and a walk must never wander through a big tree."""
+    import pyarrow.fs as pafs
+
+    info = loc.fs.get_file_info(loc.path)
+    if info.type == pafs.FileType.File:
+        return True
+    sel = pafs.FileSelector(loc.path, recursive=False, allow_not_found=True)
     return any(i.type == pafs.FileType.File for i in loc.fs.get_file_info(sel))
 
 

@@ -68,14 +68,21 @@ class StorageUnreachable(Exception):
     """The storage cannot be used: no bucket, no credentials, no answer. Message is for people."""
 
 
-def probe(loc: Location, timeout: float = 6.0) -> None:
-    """Fail in seconds, not after minutes of retries, when loc cannot be reached.
+def probe(loc: Location, timeout: float = 6.0, writable: bool = False) -> None:
+    """Fail in seconds, not after minutes of retries, when loc cannot be reached (or, with
+    writable, written).
 
-    Locally nothing is checked (a missing folder is created on first write). On GCS the bucket
-    must exist and answer within timeout: a fresh filesystem with a short retry window, in a
-    thread, so that a server that accepts and never answers cannot hang the caller.
+    On GCS the bucket must exist and answer within timeout: a fresh filesystem with a short
+    retry window, in a thread, so that a server that accepts and never answers cannot hang the
+    caller; writable creates and deletes one uniquely named object under loc. Locally, writable
+    asks the file system (a file in the way, read-only, no permission, full) without writing:
+    a write would change the folder, and the run's lease (storage/lease.py) is the first real
+    write, still before Ray starts. A missing local folder is made on first write.
     """
     if not loc.is_remote:
+        problem = local_write_problem(loc.path) if writable else None
+        if problem is not None:
+            raise StorageUnreachable(f"{loc.uri}: {problem}")
         return
     import threading
 
@@ -88,7 +95,18 @@ def probe(loc: Location, timeout: float = 6.0) -> None:
         if not os.environ.get("STORAGE_EMULATOR_HOST"):
             _require_credentials()  # before any request: no credentials must not cost a timeout
         fs = gcs_filesystem(retry=timedelta(seconds=max(1.0, timeout / 2)))
-        return fs.get_file_info(bucket)
+        info = fs.get_file_info(bucket)
+        if writable and info.type != pafs.FileType.NotFound:
+            import uuid
+
+            probe_path = join(loc.path, f".write-probe-{uuid.uuid4().hex}")
+            try:
+                with fs.open_output_stream(probe_path) as out:
+                    out.write(b"probe")
+            except OSError as e:
+                raise StorageUnreachable(f"cannot write to it ({str(e).splitlines()[0][:200]})") from None
+            fs.delete_file(probe_path)
+        return info
 
     # A daemon thread, not an executor: a request stuck in a silent socket must not keep the
     # process alive at exit (executor threads are joined then).
@@ -114,6 +132,36 @@ def probe(loc: Location, timeout: float = 6.0) -> None:
     info = outcome["info"]
     if info.type == pafs.FileType.NotFound:
         raise StorageUnreachable(f"{loc.uri}: bucket '{bucket}' does not exist; {hint}")
+
+
+MIN_FREE_BYTES = 16 << 20  # below this a checkpoint of even the test model cannot land
+
+
+def local_write_problem(path: str, statvfs=os.statvfs, access=os.access) -> str | None:
+    """Why a run could not write under the local folder path (None if it could).
+
+    Looks at path or, when it does not exist yet, the nearest folder above it (where it would
+    be made). statvfs and access are injectable for tests.
+    """
+    existing = path
+    while not os.path.lexists(existing):
+        parent = os.path.dirname(existing)
+        if parent == existing:
+            break
+        existing = parent
+    if not os.path.isdir(existing):
+        where = "is a file" if existing == path else f"is under a file ({existing})"
+        return f"{where}, not a folder; give a folder for checkpoints"
+    st = statvfs(existing)
+    if st.f_flag & os.ST_RDONLY:
+        return f"is on a read-only file system ({existing}); give a writable folder for checkpoints"
+    if not access(existing, os.W_OK | os.X_OK):
+        return f"is not writable by this user ({existing}); give a writable folder for checkpoints"
+    free = st.f_bavail * st.f_frsize
+    if free < MIN_FREE_BYTES:
+        return (f"is on a full file system ({free >> 20} MiB free at {existing}); free some space "
+                "or give another folder for checkpoints")
+    return None
 
 
 def _require_credentials() -> None:

@@ -3,11 +3,14 @@
 Kept: the newest ``keep_last`` complete checkpoints, the ``keep_best`` complete ones with the
 lowest validation loss, every protected one (the checkpoint this run resumed from), and
 always the newest complete one. Never touched: incomplete checkpoints (an upload may be in
-flight). Order is by parsed step, never by string.
+flight), and checkpoints whose validation loss is not a finite number (NaN, inf, text): such a
+metric cannot be ranked, so it is logged and the checkpoint kept. Order is by parsed step,
+never by string.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from storage import checkpoint as ckpt
@@ -29,12 +32,21 @@ class Policy:
     protect: frozenset[str] = frozenset()
 
 
+def unrankable(candidate: Candidate) -> bool:
+    """A validation loss that is there but is not a finite number (NaN sorts nowhere)."""
+    v = candidate.val_loss
+    if v is None:
+        return False
+    return isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+
+
 def which_to_delete(candidates: list[Candidate], policy: Policy) -> list[CheckpointName]:
     if policy.keep_last <= 0:
         return []
     complete = sorted((c for c in candidates if c.complete), key=lambda c: c.name.sort_key)
     keep = {c.name for c in complete[-policy.keep_last:]}
-    scored = sorted((c for c in complete if c.val_loss is not None),
+    keep |= {c.name for c in complete if unrankable(c)}
+    scored = sorted((c for c in complete if c.val_loss is not None and not unrankable(c)),
                     key=lambda c: (c.val_loss, -c.name.step))
     keep |= {c.name for c in scored[:max(policy.keep_best, 0)]}
     keep |= {c.name for c in complete if str(c.name) in policy.protect}
@@ -51,6 +63,9 @@ def apply(run: Location, policy: Policy, log=print) -> list[str]:
     for name, entry in entries.items():
         result = ckpt.check(entry.loc)
         candidates.append(Candidate(entry.name, result.ok, result.metadata.get("val_loss")))
+        if result.ok and unrankable(candidates[-1]):
+            log(f"⚠️  Retention keeps {name}: its val_loss {candidates[-1].val_loss!r} is not a "
+                "finite number, so it cannot be ranked")
     deleted = []
     for name in which_to_delete(candidates, policy):
         loc = entries[str(name)].loc
