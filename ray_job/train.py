@@ -13,9 +13,9 @@ from ray_job.errors import UserError
 
 def prepare(argv: list[str] | None = None) -> tuple:
     """Everything that can fail because of user input, done before Ray starts."""
-    from ray_job import data_prep, resume
+    from ray_job import data_check, resume
     from storage.location import StorageUnreachable, probe, resolve
-    from trainers.data import DataIndex, build_index
+    from trainers.data import DataIndex
     from trainers.launch_plan import LaunchPlan, ResumePoint
 
     args = parser().parse_args(argv)
@@ -26,7 +26,7 @@ def prepare(argv: list[str] | None = None) -> tuple:
     except ValueError as e:
         raise UserError(f"--storage/data.path: {e}") from None
     try:
-        probe(storage)
+        probe(storage, writable=True)  # a file, read-only, full: refused before anything runs
         probe(data)
     except StorageUnreachable as e:
         raise UserError(f"--storage/data.path {e}") from None
@@ -42,12 +42,9 @@ def prepare(argv: list[str] | None = None) -> tuple:
     resume.check_no_overwrite(run, choice)
     if choice is not None:
         index = DataIndex.from_json(choice.metadata["data_index"])  # no data file is opened
-    else:
-        if cfg.data.prepare == "stdlib":
-            data_prep.prepare(data, cfg)
-        index = build_index(data.fs, data.path)
-        if not index.files:
-            raise UserError(f"data.path {data.uri}: no train/*.parquet files there")
+        data_check.check_val(data, cfg)
+    else:  # prepares the test corpus if asked; checks the folder, the files, one sample's length
+        index = data_check.fresh_index(data, cfg)
     if index.total_rows < cfg.train.global_batch_size:
         raise UserError(f"data.path {data.uri}: {index.total_rows} train samples, fewer than one "
                         f"global batch ({cfg.train.global_batch_size}); lower "

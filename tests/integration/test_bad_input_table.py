@@ -6,6 +6,7 @@ the CLI runs without RAY_ADDRESS, and none of these may get as far as starting o
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -15,8 +16,11 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 
-# name: (extra CLI args, what stderr must say). "{yaml:FILE}" is replaced by the path of a YAML
-# file written from YAML_FILES below; it becomes the --config.
+CKPT = "checkpoint-epoch0-step4-files1"
+
+# name: (extra CLI args, what stderr must say). "{root}" is the test's folder (see root()).
+# "{yaml:FILE}" is replaced by the path of a YAML file written from YAML_FILES below; it
+# becomes the --config.
 CASES = {
     # --- paths that escape --storage: run and config names are one safe folder name ---------
     "run-name ..": (["--run-name", ".."], "--run-name (checkpoint.run_name): '..' is not a folder name"),
@@ -54,6 +58,49 @@ CASES = {
     # lr: 1e-3 (a string in YAML 1.1) is accepted as a number: the refusal is the next mistake's
     "yaml lr 1e-3 is a number": (["{yaml:lr.yaml}", "--set", "optim.grad_clip=-1"],
                                  "optim.grad_clip: must be >= 0"),
+    "lease_stale_s<10": (["--set", "checkpoint.lease_stale_s=5"], "checkpoint.lease_stale_s: must be at least 10"),
+    # --- --storage that cannot be written (read-only and full: tests/unit/test_storage_probe.py) --
+    "storage is a file": (["--storage", "{root}/afile"], "{root}/afile: is a file, not a folder"),
+    "storage under a file": (["--storage", "{root}/afile/runs"], "is under a file ({root}/afile)"),
+    # --- --resume that is not a checkpoint folder: refused by its name, never walked ------------
+    "resume a file": (["--resume", "{root}/afile"], "{root}/afile is a file; give the checkpoint folder"),
+    "resume metadata.json": (["--resume", "{root}/storage/existing-run/" + CKPT + "/metadata.json"],
+                             f"(--resume {{root}}/storage/existing-run/{CKPT}?)"),
+    "resume /": (["--resume", "/"], "--resume /: / is not a checkpoint folder"),
+    "resume a huge folder": (["--resume", "/usr"], "--resume /usr: /usr is not a checkpoint folder"),
+    "resume gs:// no credentials": (["--resume", f"gs://some-bucket/runs/r/{CKPT}"],
+                                    "no Google Cloud credentials found"),
+    # --- data: a fresh run reads one sample of the first train and val file before Ray ----------
+    "data is a file": (["--set", "data.path={root}/afile"], "data.path {root}/afile is a file"),
+    "prepare=none missing": (["--set", "data.prepare=none", "--set", "data.path={root}/datasets/missing"],
+                             "does not exist; with data.prepare=none it must already hold"),
+    "prepare=none empty": (["--set", "data.prepare=none", "--set", "data.path={root}/datasets/empty"],
+                           "no train/*.parquet files there (data.prepare=none"),
+    "not parquet": (["--set", "data.prepare=none", "--set", "data.path={root}/datasets/notparquet"],
+                    "part-00000.parquet is not a readable parquet file"),
+    "unreadable": (["--set", "data.prepare=none", "--set", "data.path={root}/datasets/unreadable"],
+                   "part-00000.parquet cannot be opened"),
+    "wrong columns": (["--set", "data.prepare=none", "--set", "data.path={root}/datasets/columns"],
+                      "has columns ['a', 'b']; expected id (int64) and tokens (bytes)"),
+    "tokens not bytes": (["--set", "data.prepare=none", "--set", "data.path={root}/datasets/intlists"],
+                         "tokens is list<element: int64>, expected bytes"),
+    "no val": (["--set", "data.prepare=none", "--set", "data.path={root}/datasets/noval"],
+               "no val/*.parquet files there, and validation is on"),
+    "corpus for another seq_len": (["--set", "data.path={root}/datasets/corpus", "--set", "model.seq_len=128"],
+                                   "holds a test corpus prepared with seq_len 64 (this config: 128)"),
+    "corpus of another size": (["--set", "data.path={root}/datasets/corpus", "--set", "data.train_files=8"],
+                               "prepared with train_files 6 (this config: 8)"),
+    "old corpus, other seq_len": (["--set", "data.path={root}/datasets/legacy", "--set", "model.seq_len=32"],
+                                  "holds samples of 65 tokens, but model.seq_len=32 needs 33"),
+    "prepare=none, other seq_len": (["--set", "data.prepare=none", "--set", "data.path={root}/datasets/corpus",
+                                     "--set", "model.seq_len=128"], "holds samples of 65 tokens"),
+    "vocab_size 10 on bytes": (["--set", "data.path={root}/datasets/corpus", "--set", "model.vocab_size=10"],
+                               "model.vocab_size=10: the data holds bytes"),
+    "batch larger than the data": (["--set", "data.path={root}/datasets/corpus",
+                                    "--set", "train.global_batch_size=1024"], "fewer than one global batch"),
+    # --- one launch per run: a live launch's lease refuses a second one, which writes nothing ----
+    "run leased by a live launch": (["--run-name", "leased", "--set", "data.path={root}/datasets/corpus"],
+                                    "is in use by another launch (host elsewhere, pid 4242"),
 }
 
 YAML_FILES = {
@@ -88,11 +135,53 @@ def root(tmp_path_factory) -> Path:
     (root / "configs").mkdir()
     for name, data in YAML_FILES.items():
         (root / "configs" / name).write_bytes(data)
+    (root / "afile").write_bytes(b"a file where a folder belongs")
+    (root / "storage" / "existing-run" / CKPT).mkdir()
+    (root / "storage" / "existing-run" / CKPT / "metadata.json").write_bytes(b"{}")
+    _datasets(root / "datasets")
     return root
 
 
+def _datasets(d: Path) -> None:
+    """Data folders, each wrong in one way, and a good test corpus (prepared as a run would)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from configs import load
+    from ray_job import data_prep
+    from storage.location import resolve
+
+    data_prep.prepare(resolve(str(d / "corpus")), load("test"))  # 65-byte samples, corpus.json
+    shutil.copytree(d / "corpus", d / "legacy")  # prepared before corpus.json was recorded
+    (d / "legacy" / data_prep.MARKER).unlink()
+    for name in ("empty", "notparquet/train", "unreadable/train/part-00000.parquet", "columns/train",
+                 "intlists/train", "noval/train"):
+        (d / name).mkdir(parents=True)
+    (d / "notparquet" / "train" / "part-00000.parquet").write_text("id,tokens\n1,abc\n")
+    pq.write_table(pa.table({"a": [1], "b": [2]}), d / "columns" / "train" / "part-00000.parquet")
+    pq.write_table(pa.table({"id": pa.array(range(64), pa.int64()), "tokens": [[1, 2]] * 64}),
+                   d / "intlists" / "train" / "part-00000.parquet")
+    pq.write_table(pa.table({"id": pa.array(range(64), pa.int64()),
+                             "tokens": pa.array([b"x" * 65] * 64, pa.binary())}),
+                   d / "noval" / "train" / "part-00000.parquet")
+
+
+SETUP = {  # before the snapshot: state the case needs that must be fresh when it runs
+    "run leased by a live launch": lambda root: _live_lease(root / "storage" / "leased"),
+}
+
+
+def _live_lease(run: Path) -> None:
+    from storage.lease import Holder
+
+    run.mkdir(parents=True, exist_ok=True)
+    now = time.time()
+    (run / ".lease.json").write_bytes(Holder("other-launch", "elsewhere", 4242, now - 3600, now, "w").to_bytes())
+
+
 def _env() -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("RAY_") and k not in ("STORAGE_EMULATOR_HOST", "GOOGLE_APPLICATION_CREDENTIALS")}
     env["PYTHONPATH"] = str(REPO)
     return env
 
@@ -100,14 +189,17 @@ def _env() -> dict:
 @pytest.mark.parametrize("case", list(CASES))
 def test_refused_before_ray_exit_2_one_line_nothing_written(case, root):
     extra, message = CASES[case]
+    message = message.replace("{root}", str(root))
     config = ["--config", "test"]
     args = []
     for arg in extra:
         if arg.startswith("{yaml:"):
             config = ["--config", str(root / "configs" / arg[len("{yaml:"):-1])]
         else:
-            args.append(arg)
+            args.append(arg.replace("{root}", str(root)))
     argv = [*config, "--storage", str(root / "storage"), "--set", f"data.path={root / 'data'}", *args]
+    if case in SETUP:
+        SETUP[case](root)
     before = _snapshot(root)
     started = time.monotonic()
     p = subprocess.run([sys.executable, "-m", "ray_job.train", *argv], cwd=REPO, env=_env(),
