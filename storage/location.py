@@ -105,7 +105,10 @@ def probe(loc: Location, timeout: float = 6.0, writable: bool = False) -> None:
                     out.write(b"probe")
             except OSError as e:
                 raise StorageUnreachable(f"cannot write to it ({str(e).splitlines()[0][:200]})") from None
-            fs.delete_file(probe_path)
+            try:
+                fs.delete_file(probe_path)
+            except OSError:  # e.g. a retried delete that had landed (404): the write is what counts
+                pass
         return info
 
     # A daemon thread, not an executor: a request stuck in a silent socket must not keep the
