@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load
 
-from conftest import REPO, read_json, run_cli_gcs
+from conftest import REPO, read_json, reads, run_cli_gcs
 from faultproxy import FaultProxy
 
 FINAL = "checkpoint-epoch1-step40-files4"
@@ -42,11 +42,35 @@ def _assert_same_as_straight(gcs, runs, prefix, run_name):
 
 @pytest.fixture(scope="module")
 def gcs_runs(runs, gcs, ray_address):
-    first = run_cli_gcs(_args(runs, "runs", "g", "--max-steps", 16), ray_address, gcs.url)
+    """Data and checkpoints both in the bucket: the Ray Data read tasks read gs:// through the
+    same code as local files."""
+    bucket = gcs.client().bucket("ckpts")
+    for f in sorted(runs.data.glob("*/*.parquet")):
+        bucket.blob(f"data/{f.parent.name}/{f.name}").upload_from_filename(str(f))
+    data = ["--set", "data.path=gs://ckpts/data", "--set", "data.prepare=none"]
+    trail = runs.storage.parent / "audit" / "gcs"
+    first = run_cli_gcs(_args(runs, "runs", "g", "--max-steps", 16, *data), ray_address, gcs.url)
     assert first.rc == 0, first.out[-4000:]
-    second = run_cli_gcs(_args(runs, "runs", "g", "--resume", "latest"), ray_address, gcs.url)
+    second = run_cli_gcs(_args(runs, "runs", "g", "--resume", "latest", "--audit-dir", trail, *data),
+                         ray_address, gcs.url)
     assert second.rc == 0, second.out[-4000:]
-    return first, second
+    return first, second, trail
+
+
+def test_resume_reads_gcs_data_from_the_cursor(gcs_runs, gcs):
+    from storage.location import resolve
+    from trainers.data import DataIndex, EpochOrder
+
+    meta = json.loads(gcs.client().bucket("ckpts").blob(
+        "runs/g/checkpoint-epoch0-step16-files4/metadata.json").download_as_bytes())
+    assert all(f.startswith("ckpts/data/train/") for f in meta["data_index"]["files"])
+    order = EpochOrder.make(DataIndex.from_json(meta["data_index"]), 0, 0)
+    opens = reads(gcs_runs[2])
+    epoch0 = [r["file"] for r in opens if r["epoch"] == 0]
+    # step 16 = 256 samples = the first 4 files of epoch 0: only the last 2 are read
+    assert sorted(epoch0) == sorted(order.index.files[i] for i in order.order[4:])  # once each
+    assert {r["epoch"] for r in opens} == {0, 1}
+    assert resolve("gs://ckpts/data").is_remote
 
 
 def test_train_checkpoint_resume_on_gcs_is_exact(gcs_runs, gcs, runs):
