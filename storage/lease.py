@@ -160,13 +160,35 @@ class _LocalStore:
             os.unlink(self.path)
 
 
+@contextmanager
+def _gcs_errors():
+    """Storage failures as OSError, like local disk's, so callers handle one kind; 404 and 412
+    pass through, each method turns them into its own answer. (A retried conditional request
+    whose first try landed answers 412: the callers read the lease back and see.)"""
+    from google.api_core.exceptions import GoogleAPIError, NotFound, PreconditionFailed
+
+    try:
+        yield
+    except (NotFound, PreconditionFailed):
+        raise
+    except GoogleAPIError as e:
+        raise OSError(f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+
+
 class _GcsStore:
     """The lease object on GCS: every change is generation-matched, so the server decides."""
 
     TIMEOUT = 10  # seconds per request
+    RETRY_S = 30  # all tries of one call: a job's exit must not wait minutes on a lost bucket
 
     def __init__(self, path: str):
         self.bucket, _, self.key = join(path, LEASE).partition("/")
+
+    def _retry(self):
+        from google.cloud.storage.retry import DEFAULT_RETRY
+
+        # Safe to repeat: every request here is generation-matched (or a read).
+        return DEFAULT_RETRY.with_timeout(self.RETRY_S)
 
     def _blob(self):
         from storage import gcs
@@ -179,23 +201,27 @@ class _GcsStore:
         from storage import gcs
 
         for _ in range(5):
-            blob = gcs.client().bucket(self.bucket).get_blob(self.key, timeout=self.TIMEOUT)
-            if blob is None:
-                return None
-            try:  # the bytes of the generation just seen, or a retry if it changed meanwhile
-                return blob.download_as_bytes(if_generation_match=blob.generation,
-                                              timeout=self.TIMEOUT), blob.generation
-            except (NotFound, PreconditionFailed):
-                continue
-        raise _Conflict()
+            with _gcs_errors():
+                blob = gcs.client().bucket(self.bucket).get_blob(
+                    self.key, timeout=self.TIMEOUT, retry=self._retry())
+                if blob is None:
+                    return None
+                try:  # the bytes of the generation just seen, or again if it changed meanwhile
+                    return blob.download_as_bytes(if_generation_match=blob.generation,
+                                                  timeout=self.TIMEOUT, retry=self._retry()), blob.generation
+                except (NotFound, PreconditionFailed):
+                    continue
+        raise LeaseError(f"gs://{self.bucket}/{self.key} kept changing while being read; try again")
 
     def _upload(self, data: bytes, generation: int) -> object:
         from google.api_core.exceptions import PreconditionFailed
 
         blob = self._blob()
         try:
-            blob.upload_from_string(data, content_type="application/json",
-                                    if_generation_match=generation, timeout=self.TIMEOUT)
+            with _gcs_errors():
+                blob.upload_from_string(data, content_type="application/json",
+                                        if_generation_match=generation, timeout=self.TIMEOUT,
+                                        retry=self._retry())
         except PreconditionFailed:
             if generation == 0:
                 raise FileExistsError(f"gs://{self.bucket}/{self.key}") from None
@@ -212,7 +238,9 @@ class _GcsStore:
         from google.api_core.exceptions import NotFound, PreconditionFailed
 
         try:
-            self._blob().delete(if_generation_match=int(version), timeout=self.TIMEOUT)
+            with _gcs_errors():
+                self._blob().delete(if_generation_match=int(version), timeout=self.TIMEOUT,
+                                    retry=self._retry())
         except (NotFound, PreconditionFailed):
             raise _Conflict() from None
 
