@@ -26,7 +26,7 @@ def prepare(argv: list[str] | None = None) -> tuple:
     except ValueError as e:
         raise UserError(f"--storage/data.path: {e}") from None
     try:
-        probe(storage, writable=True)  # a file, read-only, full: refused before anything runs
+        probe(storage.child(cfg.run_name), writable=True)  # the run folder: a file, read-only, full
         probe(data)
     except StorageUnreachable as e:
         raise UserError(f"--storage/data.path {e}") from None

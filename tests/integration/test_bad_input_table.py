@@ -60,8 +60,9 @@ CASES = {
                                  "optim.grad_clip: must be >= 0"),
     "lease_stale_s<10": (["--set", "checkpoint.lease_stale_s=5"], "checkpoint.lease_stale_s: must be at least 10"),
     # --- --storage that cannot be written (read-only and full: tests/unit/test_storage_probe.py) --
-    "storage is a file": (["--storage", "{root}/afile"], "{root}/afile: is a file, not a folder"),
+    "storage is a file": (["--storage", "{root}/afile"], "{root}/afile/test: is under a file ({root}/afile), not a folder"),
     "storage under a file": (["--storage", "{root}/afile/runs"], "is under a file ({root}/afile)"),
+    "run folder is a file": (["--run-name", "plainfile"], "{root}/storage/plainfile: is a file, not a folder"),
     # --- --resume that is not a checkpoint folder: refused by its name, never walked ------------
     "resume a file": (["--resume", "{root}/afile"], "{root}/afile is a file; give the checkpoint folder"),
     "resume metadata.json": (["--resume", "{root}/storage/existing-run/" + CKPT + "/metadata.json"],
@@ -136,6 +137,7 @@ def root(tmp_path_factory) -> Path:
     for name, data in YAML_FILES.items():
         (root / "configs" / name).write_bytes(data)
     (root / "afile").write_bytes(b"a file where a folder belongs")
+    (root / "storage" / "plainfile").write_bytes(b"a file where a run folder belongs")
     (root / "storage" / "existing-run" / CKPT).mkdir()
     (root / "storage" / "existing-run" / CKPT / "metadata.json").write_bytes(b"{}")
     _datasets(root / "datasets")
