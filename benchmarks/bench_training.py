@@ -22,8 +22,7 @@ import numpy as np
 import pyarrow.fs as pafs
 import torch
 
-from configs import load, with_overrides
-from configs.schema import parse_set
+from configs import load, parse_set, with_overrides
 from _baseline_reader import RankStream
 from trainers.data import EpochOrder, build_index
 from trainers.model import GPT

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 
+from configs.loading import with_overrides
 from configs.schema import (
-    CheckpointConfig, Config, ConfigError, DataConfig, ModelConfig, OptimConfig, ScalingConfig,
-    TrainConfig, with_overrides,
+    CheckpointSection, Config, ConfigError, DataSection, ModelSection, OptimSection, ScalingSection,
+    TrainSection,
 )
 
 
@@ -14,20 +15,20 @@ def test() -> Config:
     """2 CPU workers, a 6-file byte-level corpus from the stdlib: 24 steps an epoch, 40 steps,
     a checkpoint every 8 (mid-file, mid-epoch and at the epoch boundary), under two minutes.
     Ray Data blocks of 3 steps: several blocks per rank and a padded last chunk, as at scale."""
-    return Config(name="test", data=DataConfig(steps_per_block=3))
+    return Config(name="test", data=DataSection(steps_per_block=3))
 
 
 def production() -> Config:
     """A ~100M-parameter GPT on one multi-GPU node: bf16, 8 GPUs, checkpoints to GCS."""
     return Config(
         name="production",
-        model=ModelConfig(vocab_size=256, seq_len=1024, n_layer=12, n_head=12, d_model=768, dropout=0.1),
-        data=DataConfig(path="gs://my-training-data/corpus", prepare="none"),
-        optim=OptimConfig(lr=6e-4, weight_decay=0.1, warmup_steps=2000, decay_steps=100_000),
-        train=TrainConfig(max_steps=100_000, global_batch_size=256, grad_accum_steps=1,
+        model=ModelSection(vocab_size=256, seq_len=1024, n_layer=12, n_head=12, d_model=768, dropout=0.1),
+        data=DataSection(path="gs://my-training-data/corpus", prepare="none"),
+        optim=OptimSection(lr=6e-4, weight_decay=0.1, warmup_steps=2000, decay_steps=100_000),
+        train=TrainSection(max_steps=100_000, global_batch_size=256, grad_accum_steps=1,
                           mixed_precision="bf16", log_every=10, val_every=1000, val_batch_size=32),
-        scaling=ScalingConfig(num_workers=8, use_gpu=True, cpus_per_worker=4, data_cpus=32),
-        checkpoint=CheckpointConfig(storage="gs://my-training-checkpoints/runs", every=1000,
+        scaling=ScalingSection(num_workers=8, use_gpu=True, cpus_per_worker=4, data_cpus=32),
+        checkpoint=CheckpointSection(storage="gs://my-training-checkpoints/runs", every=1000,
                                     max_failures=3, preemption_check_every=10, keep_last=5,
                                     keep_best=2),
     )

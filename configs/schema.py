@@ -1,4 +1,8 @@
-"""Frozen dataclasses, one per component. Each field has a docstring; checks name the field."""
+"""Frozen dataclasses, one per section of the config. Each field has a docstring; checks name
+the field. Loading, merging and --set parsing are in configs/loading.py.
+
+The sections are *Section, not *Config: Ray's ScalingConfig, CheckpointConfig and DataConfig
+are imported next to them in ray_job/launch.py."""
 
 from __future__ import annotations
 
@@ -51,7 +55,7 @@ def _safe_name(text: str, key: str) -> None:
 
 
 @dataclass(frozen=True, kw_only=True)
-class ModelConfig:
+class ModelSection:
     vocab_size: int = 256
     """Byte-level tokens: 256."""
     seq_len: int = 64
@@ -73,7 +77,7 @@ class ModelConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
-class DataConfig:
+class DataSection:
     path: str = "./data/test"
     """Folder (local or gs://) holding train/*.parquet and val/*.parquet with columns id, tokens."""
     prepare: str = "stdlib"
@@ -101,7 +105,7 @@ class DataConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
-class OptimConfig:
+class OptimSection:
     lr: float = 3e-3
     """Peak learning rate of AdamW."""
     weight_decay: float = 0.01
@@ -128,7 +132,7 @@ class OptimConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
-class TrainConfig:
+class TrainSection:
     max_steps: int = 40
     """Optimizer steps at which the run stops (--max-steps overrides)."""
     global_batch_size: int = 16
@@ -160,7 +164,7 @@ class TrainConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
-class ScalingConfig:
+class ScalingSection:
     num_workers: int = 2
     """Ray Train workers (one process each)."""
     use_gpu: bool = False
@@ -184,7 +188,7 @@ class ScalingConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
-class CheckpointConfig:
+class CheckpointSection:
     storage: str = "./runs"
     """Local folder or gs://bucket/prefix; checkpoints go to {storage}/{run_name}/."""
     run_name: str = ""
@@ -232,12 +236,12 @@ class CheckpointConfig:
 class Config:
     name: str = "test"
     """The preset this config came from; the default run name."""
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    scaling: ScalingConfig = field(default_factory=ScalingConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    scaling: ScalingSection = field(default_factory=ScalingSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
 
     def __post_init__(self):
         _safe_name(self.name, "name")
@@ -249,96 +253,3 @@ class Config:
     @property
     def run_name(self) -> str:
         return self.checkpoint.run_name or self.name
-
-
-def to_dict(cfg) -> dict:
-    return dataclasses.asdict(cfg)
-
-
-def _coerce(value, annotation, key: str):
-    hint = annotation
-    if isinstance(hint, str):
-        hint = {"int": int, "float": float, "str": str, "bool": bool}.get(hint, hint)
-    if hint is bool:
-        _require(isinstance(value, bool), key, f"expected true or false, got {value!r}")
-    elif hint is int:
-        _require(isinstance(value, int) and not isinstance(value, bool), key,
-                 f"expected an integer, got {value!r}")
-    elif hint is float:
-        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
-            try:
-                value = float(value.strip())
-            except ValueError:
-                pass
-        _require(isinstance(value, (int, float)) and not isinstance(value, bool), key,
-                 f"expected a number, got {value!r}")
-        value = float(value)
-    elif hint is str:
-        _require(isinstance(value, str), key, f"expected a string, got {value!r}")
-    return value
-
-
-def from_dict(cls, data: dict, prefix: str = ""):
-    """Build cls from a nested dict; an unknown key is an error naming the key."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in data.items():
-        full = f"{prefix}{key}"
-        if key not in fields:
-            raise ConfigError(f"Unknown config key '{full}' (known: {', '.join(sorted(fields))})")
-        f = fields[key]
-        if dataclasses.is_dataclass(f.default_factory) if f.default_factory is not dataclasses.MISSING else False:
-            kwargs[key] = from_dict(f.default_factory, value, f"{full}.")
-        else:
-            kwargs[key] = _coerce(value, f.type, full)
-    try:
-        return cls(**kwargs)
-    except TypeError as e:
-        raise ConfigError(f"{prefix or 'config'}: {e}") from None
-
-
-def _merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def with_overrides(cfg: Config, overrides: dict) -> Config:
-    """Apply a nested dict of overrides; validation runs again on the result."""
-    return from_dict(Config, _merge(to_dict(cfg), overrides))
-
-
-def _scalar(raw: str, yaml):
-    """int, then float (so 1e-3 is a number: YAML 1.1 wants a dot), then YAML (true, null, ...)."""
-    for kind in (int, float):
-        try:
-            return kind(raw)
-        except ValueError:
-            pass
-    if raw == "" or any(unicodedata.category(ch) == "Cc" for ch in raw):
-        return raw  # YAML would fold a newline away or raise: keep the text for the checks
-    try:
-        return yaml.safe_load(raw)
-    except yaml.YAMLError:
-        return raw  # e.g. '[1,': not a YAML scalar, so the text as given
-
-
-def parse_set(assignments: list[str]) -> dict:
-    """['train.max_steps=10', 'model.dropout=0'] -> nested dict, values parsed as YAML scalars."""
-    import yaml
-
-    nested: dict = {}
-    for item in assignments:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.max_steps=100")
-        value = _scalar(raw, yaml)
-        node = nested
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = value
-    return nested

@@ -4,8 +4,19 @@ from __future__ import annotations
 
 import argparse
 
-from configs import load, with_overrides
-from configs.schema import Config, ConfigError, _merge, parse_set
+from configs import Config, ConfigError, load, merge, parse_set, with_overrides
+
+
+# Each flag that sets a config key: the parser, the overrides and the error names come from here.
+FLAGS = {
+    "--max-steps": ("train.max_steps", int, "stop at this optimizer step"),
+    "--storage": ("checkpoint.storage", str, "local folder or gs://bucket/prefix for checkpoints"),
+    "--run-name": ("checkpoint.run_name", str, "the run's folder under --storage (default: config name)"),
+    "--num-workers": ("scaling.num_workers", int, "Ray Train workers"),
+    "--checkpoint-every": ("checkpoint.every", int, "save every N steps"),
+    "--max-failures": ("checkpoint.max_failures", int,
+                       "worker-group restarts Ray may do (resuming from this run's latest checkpoint)"),
+}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -18,13 +29,8 @@ def parser() -> argparse.ArgumentParser:
                 description="Train on Ray with named, exactly resumable checkpoints.")
     p.add_argument("--config", default="test", help="preset (test, production) or a YAML file")
     p.add_argument("--resume", help="checkpoint name in this run, 'latest', or a full path/URI")
-    p.add_argument("--max-steps", type=int, help="stop at this optimizer step")
-    p.add_argument("--storage", help="local folder or gs://bucket/prefix for checkpoints")
-    p.add_argument("--run-name", help="the run's folder under --storage (default: config name)")
-    p.add_argument("--num-workers", type=int, help="Ray Train workers")
-    p.add_argument("--checkpoint-every", type=int, help="save every N steps")
-    p.add_argument("--max-failures", type=int,
-                   help="worker-group restarts Ray may do (resuming from this run's latest checkpoint)")
+    for flag, (key, kind, text) in FLAGS.items():
+        p.add_argument(flag, type=kind, help=f"{text} ({key})")
     p.add_argument("--allow-new-global-batch", action="store_true",
                    help="resume with a different train.global_batch_size on purpose")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -35,31 +41,22 @@ def parser() -> argparse.ArgumentParser:
 
 
 def resolve_config(args: argparse.Namespace) -> Config:
+    """The preset or YAML file, then the flags, then --set; validated once, at the end."""
     cfg = load(args.config)
-    flags: dict = {}
-    if args.max_steps is not None:
-        flags.setdefault("train", {})["max_steps"] = args.max_steps
-    if args.storage is not None:
-        flags.setdefault("checkpoint", {})["storage"] = args.storage
     if args.run_name == "":  # the config's default would be used silently
         raise ConfigError("--run-name (checkpoint.run_name): must not be empty; omit the flag to "
                           "use the config's name")
-    if args.run_name is not None:
-        flags.setdefault("checkpoint", {})["run_name"] = args.run_name
-    if args.num_workers is not None:
-        flags.setdefault("scaling", {})["num_workers"] = args.num_workers
-    if args.max_failures is not None:
-        flags.setdefault("checkpoint", {})["max_failures"] = args.max_failures
-    if args.checkpoint_every is not None:
-        flags.setdefault("checkpoint", {})["every"] = args.checkpoint_every
+    flags: dict = {}
+    for flag, (key, _, _) in FLAGS.items():
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is not None:
+            section, name = key.split(".")
+            flags.setdefault(section, {})[name] = value
     try:
-        return with_overrides(cfg, _merge(flags, parse_set(args.set)))  # validated once, at the end
+        return with_overrides(cfg, merge(flags, parse_set(args.set)))
     except ConfigError as e:
-        flag = {"train.max_steps": "--max-steps", "scaling.num_workers": "--num-workers",
-                "checkpoint.every": "--checkpoint-every", "checkpoint.max_failures": "--max-failures",
-                "checkpoint.run_name": "--run-name"}
         msg = str(e)
-        for key, name in flag.items():
+        for flag, (key, _, _) in FLAGS.items():
             if msg.startswith(key + ":"):
-                msg = f"{name} ({key}){msg[len(key):]}"
+                msg = f"{flag} ({key}){msg[len(key):]}"
         raise ConfigError(msg) from None

@@ -6,7 +6,7 @@ import os
 import sys
 import uuid
 
-from configs.schema import ConfigError, with_overrides
+from configs import ConfigError, with_overrides
 from ray_job.cli import parser, resolve_config
 from ray_job.errors import UserError
 

@@ -5,9 +5,8 @@ import dataclasses
 import pytest
 
 from configs import PRESETS, load
-from configs.schema import (
-    Config, ConfigError, ModelConfig, TrainConfig, from_dict, parse_set, to_dict, with_overrides,
-)
+from configs.loading import from_dict, parse_set, to_dict, with_overrides
+from configs.schema import Config, ConfigError, ModelSection, TrainSection
 from ray_job.cli import parser, resolve_config
 
 
@@ -146,9 +145,9 @@ def test_valid_combined_change_passes_validation():
 
 def test_direct_construction_validates_too():
     with pytest.raises(ConfigError, match="^model.d_model:"):
-        ModelConfig(d_model=10, n_head=3)
+        ModelSection(d_model=10, n_head=3)
     with pytest.raises(ConfigError, match="^train.global_batch_size:"):
-        Config(train=TrainConfig(global_batch_size=5))
+        Config(train=TrainSection(global_batch_size=5))
 
 
 # --- ray_job.cli ---------------------------------------------------------------------------------
