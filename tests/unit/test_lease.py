@@ -246,9 +246,9 @@ def test_listing_and_checks_ignore_the_lease_files(run):
 
 
 def test_stale_s_is_a_checked_config_field():
-    from configs.schema import CheckpointConfig, ConfigError
+    from configs.schema import CheckpointSection, ConfigError
 
-    assert CheckpointConfig().lease_stale_s == 120
+    assert CheckpointSection().lease_stale_s == 120
     for bad in (0, 5, -1, float("inf"), float("nan")):
         with pytest.raises(ConfigError, match="checkpoint.lease_stale_s: must be at least 10"):
-            CheckpointConfig(lease_stale_s=bad)
+            CheckpointSection(lease_stale_s=bad)
