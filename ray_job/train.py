@@ -86,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         try:
             result = launch.fit(cfg, run, storage, plan)
+        except SystemExit:  # fit() installs Ray Train's Ctrl-C handler: it aborts the run, then exits
+            raise KeyboardInterrupt from None
         except Exception as e:  # Ray wraps worker errors; the traceback is in the log above
             print(f"❌ Training failed: {type(e).__name__}: {e}", file=sys.stderr)
             return 1
@@ -97,8 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         if lease is not None and lease.lost:  # ownership said why already
             return 1
-        print("error: interrupted (Ctrl-C); complete checkpoints are kept, one being written stays "
-              "incomplete and is never resumed", file=sys.stderr)
+        print("error: interrupted (Ctrl-C or a stop signal); complete checkpoints are kept, one "
+              "being written stays incomplete and is never resumed", file=sys.stderr)
         return 130
     finally:
         if lease is not None:

@@ -45,8 +45,21 @@ def test_ctrl_c_is_130_one_line_and_the_lease_released(launch, capsys):
 
     fake.fit = fit
     assert train.main([]) == 130
-    assert _err_lines(capsys) == ["error: interrupted (Ctrl-C); complete checkpoints are kept, one "
-                                  "being written stays incomplete and is never resumed"]
+    assert _err_lines(capsys) == ["error: interrupted (Ctrl-C or a stop signal); complete checkpoints "
+                                  "are kept, one being written stays incomplete and is never resumed"]
+    assert not (run / LEASE).exists()
+
+
+def test_ray_trains_own_ctrl_c_handler_exiting_is_130(launch, capsys):
+    """During fit() Ray Train's SIGINT handler aborts the run and raises SystemExit (seen: 1)."""
+    fake, run = launch
+
+    def fit(*a):
+        raise SystemExit(1)
+
+    fake.fit = fit
+    assert train.main([]) == 130
+    assert _err_lines(capsys)[0].startswith("error: interrupted (Ctrl-C or a stop signal)")
     assert not (run / LEASE).exists()
 
 

@@ -1,0 +1,191 @@
+"""One launch writes a run (issue 10). Two jobs started together on one run: one is refused with
+exit 2 within seconds (one line naming the holder), the other finishes, and every checkpoint
+verifies with hashes; the lease is gone afterwards. Local disk (create-only lease), and gs://
+on the GCS API server, where a lease left by a SIGKILLed job (simulated: its heartbeat an hour
+old, its pid gone) is taken over by exactly one of the two (a generation-matched update), with
+a warning. A Ray start-up failure is exit 1 with one line, and releases the lease too."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, _env
+from storage import checkpoint as ckpt
+from storage.lease import LEASE, Holder
+from storage.location import resolve
+
+TINY = ["--config", "test", "--max-steps", "8", "--checkpoint-every", "4"]
+NAMES = ["checkpoint-epoch0-step4-files1", "checkpoint-epoch0-step8-files2"]
+
+
+@dataclass
+class Job:
+    pid: int
+    rc: int
+    out: str
+    err: str
+    took: float
+
+
+def _two_at_once(args: list, env: dict, timeout: float = 400) -> list[Job]:
+    started = time.monotonic()
+    procs = [subprocess.Popen([sys.executable, "-m", "ray_job.train", *map(str, args)], cwd=REPO,
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    ended: dict = {}
+    while len(ended) < 2 and time.monotonic() - started < timeout:
+        for p in procs:
+            if p.pid not in ended and p.poll() is not None:
+                ended[p.pid] = time.monotonic() - started
+        time.sleep(0.2)
+    jobs = []
+    for p in procs:
+        if p.pid not in ended:
+            p.kill()
+        out, err = p.communicate()
+        jobs.append(Job(p.pid, p.returncode, out, err, ended.get(p.pid, timeout)))
+    return jobs
+
+
+def _refused_and_done(jobs: list[Job]) -> tuple[Job, Job]:
+    by_rc = sorted(jobs, key=lambda j: j.rc, reverse=True)
+    refused, done = by_rc
+    assert (refused.rc, done.rc) == (2, 0), [(j.rc, j.err[-3000:]) for j in jobs]
+    lines = refused.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: run ") and "Traceback" not in refused.err
+    assert f"is in use by another launch (host {socket.gethostname()}, pid {done.pid}," in lines[0]
+    assert refused.took < 30, f"refused after {refused.took:.1f}s"
+    assert "🚀 Run" not in refused.out  # refused before Ray
+    return refused, done
+
+
+def _verified(run_uri: str) -> list[str]:
+    run = resolve(run_uri)
+    names = [str(e.name) for e in ckpt.list_checkpoints(run)]
+    for entry in ckpt.list_checkpoints(run):
+        result = ckpt.check(entry.loc, verify_hashes=True)
+        assert result.ok, (entry.name, result.reason)
+    return names
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    from configs import load
+    from ray_job import data_prep
+
+    data = tmp_path_factory.mktemp("one-writer") / "data"
+    data_prep.prepare(resolve(str(data)), load("test"))  # once, not by both jobs at once
+    return data
+
+
+def test_two_jobs_on_one_local_run(ray_address, corpus, tmp_path):
+    storage = tmp_path / "ckpt"
+    jobs = _two_at_once([*TINY, "--storage", storage, "--run-name", "shared",
+                         "--set", f"data.path={corpus}"], _env(RAY_ADDRESS=ray_address))
+    refused, done = _refused_and_done(jobs)
+    assert "🏁 Done: step 8" in done.out
+    assert _verified(str(storage / "shared")) == NAMES
+    assert not (storage / "shared" / LEASE).exists()  # released at the end
+
+
+def test_two_jobs_take_over_a_killed_jobs_lease_on_gcs(ray_address, corpus, gcs, monkeypatch):
+    bucket = gcs.client().bucket("ckpts")
+    dead = Holder("killed-launch", "gone-host", 999999, time.time() - 7200, time.time() - 3600, "w")
+    bucket.blob(f"one-writer/shared/{LEASE}").upload_from_string(dead.to_bytes(), if_generation_match=0)
+    env = _env(RAY_ADDRESS=ray_address, STORAGE_EMULATOR_HOST=gcs.url)
+    jobs = _two_at_once([*TINY, "--storage", "gs://ckpts/one-writer", "--run-name", "shared",
+                         "--set", f"data.path={corpus}"], env)
+    refused, done = _refused_and_done(jobs)
+    took_over = [line for line in done.out.splitlines() if "Took over run" in line]
+    assert len(took_over) == 1 and "host gone-host, pid 999999" in took_over[0]
+    assert "last heartbeat 3600s ago" in took_over[0] or "last heartbeat 3601s ago" in took_over[0]
+    assert "Took over run" not in refused.out  # exactly one of the two took it
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs.url)
+    from storage import gcs as gcs_client
+
+    gcs_client.client.cache_clear()
+    try:
+        assert _verified("gs://ckpts/one-writer/shared") == NAMES
+    finally:
+        gcs_client.client.cache_clear()
+    assert bucket.get_blob(f"one-writer/shared/{LEASE}") is None
+
+
+def test_ctrl_c_during_training_is_130_one_line_lease_released(ray_address, corpus, tmp_path):
+    storage = tmp_path / "ckpt"
+    job = subprocess.Popen([sys.executable, "-m", "ray_job.train", *TINY, "--max-steps", "40",
+                            "--storage", str(storage), "--run-name", "interrupted",
+                            "--set", f"data.path={corpus}"], cwd=REPO, env=_env(RAY_ADDRESS=ray_address),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and job.poll() is None and not list(storage.glob("*/checkpoint-*/metadata.json")):
+        time.sleep(0.2)  # training is under way: its first checkpoint is complete
+    assert job.poll() is None, job.communicate()
+    job.send_signal(signal.SIGINT)  # what Ctrl-C sends
+    out, err = job.communicate(timeout=120)
+    assert job.returncode == 130, (job.returncode, err[-3000:])
+    ours = [line for line in err.splitlines() if line.startswith(("error:", "❌"))]
+    assert ours == ["error: interrupted (Ctrl-C or a stop signal); complete checkpoints are kept, "
+                    "one being written stays incomplete and is never resumed"], err[-3000:]
+    assert not (storage / "interrupted" / LEASE).exists()
+    run = resolve(str(storage / "interrupted"))
+    for entry in ckpt.list_checkpoints(run):  # whole, or visibly not (never half-committed)
+        result = ckpt.check(entry.loc, verify_hashes=True)
+        assert result.ok or result.status is ckpt.Status.INCOMPLETE, (entry.name, result.reason)
+
+
+def test_ray_start_failure_is_exit_1_one_line_and_the_lease_is_released(corpus, tmp_path):
+    storage = tmp_path / "ckpt"
+    p = subprocess.run([sys.executable, "-m", "ray_job.train", *TINY, "--storage", str(storage),
+                        "--set", f"data.path={corpus}"], cwd=REPO, env=_env(RAY_ADDRESS="nonsense"),
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1, p.stderr[-3000:]
+    assert "Traceback" not in p.stdout + p.stderr
+    ours = [line for line in p.stderr.splitlines() if line.startswith(("❌", "error:"))]
+    assert ours == ["❌ Ray did not start: ValueError: Invalid address format: nonsense "
+                    "(RAY_ADDRESS=nonsense)"], p.stderr
+    assert p.stderr.strip().splitlines()[-1] == ours[0]
+    assert not (storage / "test" / LEASE).exists()
+
+
+def test_gcs_lease_changes_are_generation_matched(gcs, monkeypatch):
+    """The compare-and-swap the takeover relies on, against the GCS API server (no Ray)."""
+    from storage import gcs as gcs_client
+    from storage.lease import Lease, LeaseHeld, _Conflict, _GcsStore
+
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs.url)
+    gcs_client.client.cache_clear()
+    try:
+        store = _GcsStore("ckpts/cas/run")
+        v1 = store.create(b"1")
+        with pytest.raises(FileExistsError):
+            store.create(b"2")
+        v2 = store.replace(b"2", v1)
+        with pytest.raises(_Conflict):  # the second of two takers that read v1
+            store.replace(b"3", v1)
+        assert store.read() == (b"2", v2)
+        store.delete(v2)
+        assert store.read() is None
+        run = resolve("gs://ckpts/cas/leased")
+        clock = [1_000_000.0]
+        first = Lease(run, "a", clock=lambda: clock[0], log=lambda m: None)
+        first.acquire()
+        with pytest.raises(LeaseHeld):
+            Lease(run, "b", clock=lambda: clock[0]).acquire()
+        clock[0] += 121
+        second = Lease(run, "c", clock=lambda: clock[0], log=lambda m: None)
+        assert second.acquire().launch_id == "a"
+        assert first.refresh() is False and first.release() is False
+        assert second.refresh() and second.release()
+        assert store.read() is None
+    finally:
+        gcs_client.client.cache_clear()
