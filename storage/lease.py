@@ -10,7 +10,9 @@ Every change is a compare-and-swap against the version that was read, so two lau
 never both believe they own the run:
 
 - GCS: create with ``if_generation_match=0``; refresh, take over and delete with
-  ``if_generation_match=<generation read>``. The server decides; one writer wins.
+  ``if_generation_match=<generation read>``. The server decides; one writer wins. (The test
+  emulator, fake-gcs-server, enforces this on uploads but not on deletes or reads; a release
+  reads the lease back first, so even there it deletes only a lease that looked like its own.)
 - Local disk: create by hard-linking a fully written temp file to the lease name (atomic, never
   replaces, and a reader never sees a half-written lease). Replace and delete happen under an
   exclusive ``flock`` on ``{run}/.lease.lock``, after checking that the lease is still the
