@@ -369,15 +369,17 @@ class Lease:
                 return False
             try:
                 for _ in range(3):
+                    # Look first (the version to delete is the one seen, and it must be ours),
+                    # then delete that version only.
+                    current = self.store.read()
+                    holder = Holder.parse(current[0]) if current else None
+                    if holder is None or holder.launch_id != self.launch_id:
+                        return False  # not ours any more: leave it to its owner
                     try:
-                        self.store.delete(self._version)
+                        self.store.delete(current[1])
                         return True
                     except _Conflict:
-                        current = self.store.read()
-                        holder = Holder.parse(current[0]) if current else None
-                        if holder is None or holder.launch_id != self.launch_id:
-                            return False  # not ours any more: leave it to its owner
-                        self._version = current[1]
+                        continue
                 return False
             except Exception as e:  # noqa: BLE001 - logged; a stale lease is taken over later
                 self.log(f"⚠️  Could not release the lease on {self.run.uri}: {type(e).__name__}: "
