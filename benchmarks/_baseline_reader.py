@@ -5,13 +5,12 @@ and keeps its slice, so W ranks read the epoch W times."""
 from __future__ import annotations
 
 import bisect
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-import _common  # noqa: F401  (puts the repo on sys.path)
 from trainers.data import EpochOrder
 
 

@@ -1,20 +1,17 @@
-"""Shared by the benchmark scripts: a synthetic parquet corpus, the GCS API server, the CLI."""
+"""Shared by the benchmark scripts: a synthetic parquet corpus, the GCS API server, the CLI.
+The repo's packages are installed in the venv (setup.sh: pip install -e .)."""
 
 from __future__ import annotations
 
 import os
 import re
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from ray_job import launcher
 
 
 def make_corpus(folder: Path, files: int, rows: int, sample_bytes: int, row_group: int = 256) -> Path:
@@ -53,17 +50,11 @@ class GcsServer:
         self.emulator.stop()
 
 
-def run_cli(args: list, env_extra: dict | None = None) -> tuple[int, str, float]:
-    """Run `python -m ray_job.train ARGS` with its own local Ray (or the cluster at
-    BENCH_RAY_ADDRESS, as the smoke tests do); (rc, output, start time)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env.update({"PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", **(env_extra or {})})
-    if os.environ.get("BENCH_RAY_ADDRESS"):
-        env.update({"RAY_ADDRESS": os.environ["BENCH_RAY_ADDRESS"], "RAY_AUTH_MODE": "token"})
-    started = time.time()
-    p = subprocess.run([sys.executable, "-m", "ray_job.train", *map(str, args)], cwd=REPO, env=env,
-                       capture_output=True, text=True, timeout=3600)
-    return p.returncode, p.stdout + p.stderr, started
+def run_cli(args: list, emulator: str | None = None) -> launcher.Run:
+    """`python -m ray_job.train ARGS` through the one launcher, with its own local Ray (or the
+    cluster at BENCH_RAY_ADDRESS, as the smoke tests do)."""
+    return launcher.run(args, ray_address=os.environ.get("BENCH_RAY_ADDRESS"), emulator=emulator,
+                        timeout=3600)
 
 
 def floats(pattern: str, text: str) -> list[float]:

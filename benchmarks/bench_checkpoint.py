@@ -39,7 +39,8 @@ def main() -> None:
                    "--set", f"checkpoint.upload={'sync' if mode == 'sync' else 'async'}"]
             for s in sets:
                 cmd += ["--set", s]
-            rc, out, _ = _common.run_cli(cmd, {"STORAGE_EMULATOR_HOST": gcs.url})
+            run = _common.run_cli(cmd, gcs.url)
+            rc, out = run.rc, run.out
             assert rc == 0, out[-3000:]
             stalls = _common.floats(r"Training blocked ([\d.]+)s", out)
             rate = _common.floats(r"steps after the first at ([\d.]+) steps/s", out)[0]

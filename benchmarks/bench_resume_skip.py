@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import _common  # noqa: F401  (puts the repo on sys.path)
+import _common
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch

@@ -21,12 +21,11 @@ import _common
 import numpy as np
 import pyarrow.fs as pafs
 import torch
+from _baseline_reader import RankStream
 
 from configs import load, parse_set, with_overrides
-from _baseline_reader import RankStream
 from trainers.data import EpochOrder, build_index
 from trainers.model import GPT
-
 
 SETS = ["model.seq_len=256", "model.d_model=256", "model.n_layer=4", "model.n_head=4",
         "data.prepare=none", "train.val_every=0", "train.global_batch_size=16",
@@ -75,13 +74,15 @@ def main() -> None:
     base = ["--config", "test", "--num-workers", 1, "--storage", root / "ckpt"]
     for s in sets:
         base += ["--set", s]
-    rc, fresh, fresh_start = _common.run_cli(base + ["--run-name", "bench", "--max-steps", steps,
-                                                     "--checkpoint-every", steps // 2])
-    assert rc == 0, fresh[-3000:]
+    fresh_run = _common.run_cli(base + ["--run-name", "bench", "--max-steps", steps,
+                                         "--checkpoint-every", steps // 2])
+    fresh, fresh_start = fresh_run.out, fresh_run.started
+    assert fresh_run.rc == 0, fresh[-3000:]
     service = _common.floats(r"steps after the first at ([\d.]+) steps/s", fresh)[0]
-    rc, resumed, resume_start = _common.run_cli(base + ["--run-name", "bench", "--resume", "latest",
-                                                        "--max-steps", steps + 4])
-    assert rc == 0, resumed[-3000:]
+    resumed_run = _common.run_cli(base + ["--run-name", "bench", "--resume", "latest",
+                                          "--max-steps", steps + 4])
+    resumed, resume_start = resumed_run.out, resumed_run.started
+    assert resumed_run.rc == 0, resumed[-3000:]
 
     print(f"1. steps/s (model {sum(p.numel() for p in GPT(cfg.model).parameters()) / 1e6:.1f}M params, "
           f"batch {cfg.train.global_batch_size} x {cfg.model.seq_len}):")

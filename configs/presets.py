@@ -6,7 +6,13 @@ import os
 
 from configs.loading import with_overrides
 from configs.schema import (
-    CheckpointSection, Config, ConfigError, DataSection, ModelSection, OptimSection, ScalingSection,
+    CheckpointSection,
+    Config,
+    ConfigError,
+    DataSection,
+    ModelSection,
+    OptimSection,
+    ScalingSection,
     TrainSection,
 )
 

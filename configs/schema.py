@@ -6,10 +6,7 @@ are imported next to them in ray_job/launch.py."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import types
-import typing
 import unicodedata
 from dataclasses import dataclass, field
 

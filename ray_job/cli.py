@@ -6,7 +6,6 @@ import argparse
 
 from configs import Config, ConfigError, load, merge, parse_set, with_overrides
 
-
 # Each flag that sets a config key: the parser, the overrides and the error names come from here.
 FLAGS = {
     "--max-steps": ("train.max_steps", int, "stop at this optimizer step"),

@@ -36,7 +36,7 @@ class DataIndex:
         return {"files": list(self.files), "rows": list(self.rows)}
 
     @classmethod
-    def from_json(cls, data: dict) -> "DataIndex":
+    def from_json(cls, data: dict) -> DataIndex:
         return cls(tuple(data["files"]), tuple(int(r) for r in data["rows"]))
 
 
@@ -64,7 +64,7 @@ class EpochOrder:
     starts: tuple[int, ...]  # global offset of each ordered file's first row
 
     @classmethod
-    def make(cls, index: DataIndex, seed: int, epoch: int) -> "EpochOrder":
+    def make(cls, index: DataIndex, seed: int, epoch: int) -> EpochOrder:
         order = tuple(epoch_order(len(index.files), seed, epoch))
         starts, total = [], 0
         for i in order:

@@ -28,8 +28,8 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -41,8 +41,8 @@ from trainers.data import DataIndex, EpochOrder
 from trainers.launch_plan import LaunchPlan
 
 ROW_OVERHEAD = 8 + 4 + 8  # id, epoch, pos beside the tokens
-BLOCK_BYTES_PER_RANK = 1 << 20
-READ_CPUS = 0.5  # reads wait on storage; and != the reorder's 1 CPU (see Stream.dataset)  # ~1 MB per rank per block: several steps, a small fixed cost
+BLOCK_BYTES_PER_RANK = 1 << 20  # ~1 MB per rank per block: several steps, a small fixed cost
+READ_CPUS = 0.5  # reads wait on storage; and != the reorder's 1 CPU (see Stream.dataset)
 
 
 class DataOrderError(RuntimeError):

@@ -4,7 +4,7 @@ alone, so a resume on any number of workers continues it exactly."""
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 from configs.schema import Config
 

@@ -51,7 +51,7 @@ class TrainState:
         }
 
     @classmethod
-    def from_checkpoint(cls, metadata: dict, metrics: dict) -> "TrainState":
+    def from_checkpoint(cls, metadata: dict, metrics: dict) -> TrainState:
         return cls(
             step=int(metadata["step"]),
             epoch=int(metadata["epoch"]),

@@ -5,26 +5,23 @@ Run: .venv/bin/python -m pytest tests/gpu -q -s
 """
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
+from ray_job import launcher
+
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 def _run(tmp_path, *extra):
     workers = min(2, torch.cuda.device_count())
-    cmd = [sys.executable, "-m", "ray_job.train", "--config", "test", "--storage", tmp_path / "ckpt",
-           "--set", f"data.path={tmp_path / 'data'}", "--set", "scaling.use_gpu=true",
-           "--set", "train.mixed_precision=bf16", "--set", "train.grad_accum_steps=2",
-           "--num-workers", workers, *extra]
-    p = subprocess.run([str(c) for c in cmd], cwd=REPO, capture_output=True, text=True, timeout=900)
-    assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
-    return p.stdout + p.stderr
+    p = launcher.run(["--config", "test", "--storage", tmp_path / "ckpt",
+                      "--set", f"data.path={tmp_path / 'data'}", "--set", "scaling.use_gpu=true",
+                      "--set", "train.mixed_precision=bf16", "--set", "train.grad_accum_steps=2",
+                      "--num-workers", workers, *extra], timeout=900)
+    assert p.rc == 0, p.out[-4000:]
+    return p.out
 
 
 def _metrics(tmp_path, run, name):

@@ -1,31 +1,33 @@
 """One real Ray cluster (`ray start --head` on 127.0.0.1) and one set of training runs per
-session, shared by the integration tests. Runs go through the real CLI as subprocesses."""
+session, shared by the integration tests. Runs go through the real CLI as subprocesses,
+started by ray_job.launcher (the one launcher tests and benchmarks share)."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import signal
 import subprocess
-import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from ray_job import launcher
+from ray_job.launcher import BIN, Run
 from storage.emulator import free_port
 
-REPO = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
+SLOW_FIXTURES = {"ray_cluster", "ray_address", "runs"}  # a Ray cluster, or training runs
 
 
-def _env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env.update({"PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "token", "PYTHONUNBUFFERED": "1",
-                # `python` in a submitted job's entrypoint is this venv's, as on a real node
-                "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"})
-    env.update(extra)
-    return env
+def pytest_collection_modifyitems(items):
+    """A test that needs a Ray cluster or the shared training runs is `slow`: `pytest -m "not
+    slow"` keeps the unit tests and the cheap checks (bad input before Ray, the GCS server)."""
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @dataclass
@@ -41,29 +43,34 @@ def ray_cluster(tmp_path_factory):
     cmd = [str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
            "--num-cpus=4", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
            f"--dashboard-port={dash}", "--disable-usage-stats", f"--temp-dir={temp}"]
-    subprocess.run(cmd, check=True, env=_env(), capture_output=True, timeout=180)
+    subprocess.run(cmd, check=True, env=launcher.env(), capture_output=True, timeout=180)
     yield Cluster(f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}")
-    subprocess.run([str(BIN / "ray"), "stop", "--force"], env=_env(), capture_output=True,
-                   timeout=120)
+    stop_ray_under(temp)
+
+
+def stop_ray_under(temp: Path) -> None:
+    """Stop the Ray processes of the cluster whose files are under temp, and only those:
+    `ray stop --force` would also kill any other Ray on the machine (another test session's)."""
+    mine = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if str(temp).encode() in f.read():
+                    mine.append(int(entry))
+        except (OSError, ValueError):
+            continue
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in mine:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        time.sleep(2)
 
 
 @pytest.fixture(scope="session")
 def ray_address(ray_cluster) -> str:
     return ray_cluster.address
-
-
-@dataclass
-class Run:
-    rc: int
-    out: str  # stdout and stderr together: the driver and the forwarded worker logs
-    err: str
-
-
-def run_cli(args: list[str], ray_address: str | None = None, timeout: int = 600) -> Run:
-    env = _env(RAY_ADDRESS=ray_address) if ray_address else _env()
-    p = subprocess.run([sys.executable, "-m", "ray_job.train", *map(str, args)], cwd=REPO,
-                       env=env, capture_output=True, text=True, timeout=timeout)
-    return Run(p.returncode, p.stdout + p.stderr, p.stderr)
 
 
 def read_json(path: Path) -> dict:
@@ -108,11 +115,11 @@ def runs(ray_address, tmp_path_factory) -> Runs:
     root = tmp_path_factory.mktemp("runs")
     storage, data, trail = root / "ckpt", root / "data", root / "audit"
     common = ["--config", "test", "--storage", storage, "--set", f"data.path={data}"]
-    straight = run_cli(common + ["--run-name", "straight", "--audit-dir", trail / "straight"],
-                       ray_address)
+    straight = launcher.run(common + ["--run-name", "straight", "--audit-dir", trail / "straight"],
+                            ray_address=ray_address)
     assert straight.rc == 0, straight.out[-4000:]
-    first = run_cli(common + ["--run-name", "chain", "--max-steps", 10,
-                              "--audit-dir", trail / "chain1"], ray_address)
+    first = launcher.run(common + ["--run-name", "chain", "--max-steps", 10,
+                              "--audit-dir", trail / "chain1"], ray_address=ray_address)
     assert first.rc == 0, first.out[-4000:]
 
     from trainers.data import DataIndex, EpochOrder
@@ -124,14 +131,14 @@ def runs(ray_address, tmp_path_factory) -> Runs:
         shutil.copy(path, path + ".bak")
         Path(path).write_bytes(b"not parquet: a resume must not read this file" * 10)
     try:
-        second = run_cli(common + ["--run-name", "chain", "--resume", "latest", "--max-steps", 24,
-                                   "--audit-dir", trail / "chain2"], ray_address)
+        second = launcher.run(common + ["--run-name", "chain", "--resume", "latest", "--max-steps", 24,
+                                   "--audit-dir", trail / "chain2"], ray_address=ray_address)
     finally:
         for path in done:
             os.replace(path + ".bak", path)
     assert second.rc == 0, second.out[-4000:]
-    third = run_cli(common + ["--run-name", "chain", "--resume", "checkpoint-epoch1-step24-files0",
-                              "--audit-dir", trail / "chain3"], ray_address)
+    third = launcher.run(common + ["--run-name", "chain", "--resume", "checkpoint-epoch1-step24-files0",
+                              "--audit-dir", trail / "chain3"], ray_address=ray_address)
     assert third.rc == 0, third.out[-4000:]
     return Runs(storage, data, trail, straight, [first, second, third], done)
 
@@ -144,12 +151,3 @@ def gcs(tmp_path_factory):
     server.create_bucket("ckpts")
     yield server
     server.stop()
-
-
-def run_cli_gcs(args, ray_address, emulator: str, module: str = "ray_job.train", timeout: int = 600) -> Run:
-    env = _env(STORAGE_EMULATOR_HOST=emulator)
-    if ray_address:
-        env["RAY_ADDRESS"] = ray_address
-    p = subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=REPO, env=env,
-                       capture_output=True, text=True, timeout=timeout)
-    return Run(p.returncode, p.stdout + p.stderr, p.stderr)

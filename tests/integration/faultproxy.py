@@ -95,7 +95,7 @@ class FaultProxy:
             self.counts[fault] += 1
             return fault
 
-    def __enter__(self) -> "FaultProxy":
+    def __enter__(self) -> FaultProxy:
         self._thread.start()
         return self
 

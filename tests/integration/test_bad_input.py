@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from conftest import run_cli
+from ray_job import launcher
 
 
 def _tree(root):
@@ -67,7 +67,7 @@ def test_bad_input_exit_2_one_line_nothing_touched(case, store, runs):
     args = _args(store, runs, *extra)
     if case == "unknown config":
         args = ["--config", "nope", "--storage", store]
-    result = run_cli(args)  # no RAY_ADDRESS: bad input must fail before Ray is ever touched
+    result = launcher.run(args)  # no RAY_ADDRESS: bad input must fail before Ray is ever touched
     assert result.rc == 2, result.out[-3000:]
     assert message in result.err, result.err
     assert "Traceback" not in result.out
@@ -76,6 +76,6 @@ def test_bad_input_exit_2_one_line_nothing_touched(case, store, runs):
 
 
 def test_missing_name_lists_what_exists(store, runs):
-    result = run_cli(_args(store, runs, "--resume", "checkpoint-epoch0-step999-files9"))
+    result = launcher.run(_args(store, runs, "--resume", "checkpoint-epoch0-step999-files9"))
     assert "checkpoint-epoch1-step40-files4" in result.err and "checkpoint-epoch0-step8-files2" in result.err
     assert "--resume latest" in result.err

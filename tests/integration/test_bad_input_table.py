@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from ray_job import launcher
+from ray_job.launcher import REPO
 
 CKPT = "checkpoint-epoch0-step4-files1"
 
@@ -60,7 +59,8 @@ CASES = {
                                  "optim.grad_clip: must be >= 0"),
     "lease_stale_s<10": (["--set", "checkpoint.lease_stale_s=5"], "checkpoint.lease_stale_s: must be at least 10"),
     # --- --storage that cannot be written (read-only and full: tests/unit/test_storage_probe.py) --
-    "storage is a file": (["--storage", "{root}/afile"], "{root}/afile/test: is under a file ({root}/afile), not a folder"),
+    "storage is a file": (["--storage", "{root}/afile"],
+                          "{root}/afile/test: is under a file ({root}/afile), not a folder"),
     "storage under a file": (["--storage", "{root}/afile/runs"], "is under a file ({root}/afile)"),
     "run folder is a file": (["--run-name", "plainfile"], "{root}/storage/plainfile: is a file, not a folder"),
     # --- --resume that is not a checkpoint folder: refused by its name, never walked ------------
@@ -119,7 +119,7 @@ YAML_FILES = {
 def _snapshot(root: Path) -> dict:
     """Every folder (with its mtime: a folder made and removed again shows) and file (bytes)."""
     snap = {}
-    for folder, dirs, files in os.walk(root):
+    for folder, _, files in os.walk(root):
         snap[folder] = ("dir", os.stat(folder).st_mtime_ns)
         for name in files:
             path = os.path.join(folder, name)
@@ -182,9 +182,10 @@ def _live_lease(run: Path) -> None:
 
 
 def _env() -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("RAY_") and k not in ("STORAGE_EMULATOR_HOST", "GOOGLE_APPLICATION_CREDENTIALS")}
-    env["PYTHONPATH"] = str(REPO)
+    """No cluster, no emulator, no credentials: these cases must fail before any of them matter."""
+    env = launcher.env()
+    for key in ("STORAGE_EMULATOR_HOST", "GOOGLE_APPLICATION_CREDENTIALS"):
+        env.pop(key, None)
     return env
 
 
@@ -203,16 +204,13 @@ def test_refused_before_ray_exit_2_one_line_nothing_written(case, root):
     if case in SETUP:
         SETUP[case](root)
     before = _snapshot(root)
-    started = time.monotonic()
-    p = subprocess.run([sys.executable, "-m", "ray_job.train", *argv], cwd=REPO, env=_env(),
-                       capture_output=True, text=True, timeout=60)
-    took = time.monotonic() - started
-    assert p.returncode == 2, (p.returncode, p.stderr[-2000:])
-    lines = p.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:"), p.stderr
+    p = launcher.run(argv, environ=_env(), timeout=60)
+    assert p.rc == 2, (p.rc, p.err[-2000:])
+    lines = p.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), p.err
     assert message in lines[0], lines[0]
-    assert "Traceback" not in p.stdout + p.stderr
-    assert took < 10, f"{case}: refused after {took:.1f}s"
+    assert "Traceback" not in p.out
+    assert p.took < 10, f"{case}: refused after {p.took:.1f}s"
     assert _snapshot(root) == before  # storage, data and config files byte-for-byte unchanged
     assert not (root / "data").exists() and not (root / "escaped").exists()
     assert not (REPO / "pwned").exists()

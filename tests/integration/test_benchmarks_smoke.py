@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from conftest import REPO, _env
+from ray_job import launcher
+from ray_job.launcher import REPO
 
 SCRIPTS = {
     "bench_resume_skip.py": ["skip_first_batches@90% / ours@90%:", "ours@90% / ours@0%:"],
@@ -21,7 +22,7 @@ SCRIPTS = {
 @pytest.mark.parametrize("script", sorted(SCRIPTS))
 def test_benchmark_quick(script, ray_address):
     p = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), "--quick"], cwd=REPO,
-                       env=_env(BENCH_RAY_ADDRESS=ray_address), capture_output=True, text=True,
+                       env=launcher.env(BENCH_RAY_ADDRESS=ray_address), capture_output=True, text=True,
                        timeout=900)
     assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
     for marker in SCRIPTS[script]:

@@ -2,9 +2,8 @@
 loss, every LR and the final weights and optimizer state are bitwise equal (same world size)."""
 
 import torch
-from safetensors.torch import load_file
-
 from conftest import read_json
+from safetensors.torch import load_file
 
 FINAL = "checkpoint-epoch1-step40-files4"
 

@@ -4,7 +4,6 @@ proven from the sample ids each rank logged, in the same order as an uninterrupt
 from collections import Counter
 
 import pyarrow.parquet as pq
-
 from conftest import audit
 
 

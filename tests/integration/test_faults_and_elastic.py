@@ -5,14 +5,13 @@ never failed; a checkpoint written by 2 workers resumes on 1 with the same sampl
 import os
 import re
 import signal
-import subprocess
-import sys
 import time
 
 import torch
+from conftest import audit, read_json
 from safetensors.torch import load_file
 
-from conftest import REPO, _env, audit, read_json, run_cli
+from ray_job import launcher
 
 FINAL = "checkpoint-epoch1-step40-files4"
 
@@ -31,9 +30,7 @@ def test_killed_worker_recovers_from_latest_checkpoint_exactly(runs, ray_address
     args = ["--config", "test", "--storage", runs.storage, "--run-name", "killed-worker",
             "--set", f"data.path={runs.data}", "--checkpoint-every", 4, "--max-failures", 1,
             "--audit-dir", trail]
-    job = subprocess.Popen([sys.executable, "-m", "ray_job.train", *map(str, args)], cwd=REPO,
-                           env=_env(RAY_ADDRESS=ray_address), stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT, text=True)
+    job = launcher.start(args, ray_address=ray_address)
     victim, deadline = None, time.monotonic() + 300
     while victim is None and time.monotonic() < deadline and job.poll() is None:
         path = trail / "rank1.jsonl"
@@ -79,10 +76,10 @@ def test_two_worker_checkpoint_resumes_on_one_and_four_workers(runs, ray_address
     for workers in (1, 2, 4):
         trail = runs.storage.parent / "audit" / f"elastic{workers}"
         cpus = ["--set", "scaling.cpus_per_worker=0.5"] if workers == 4 else []  # 4-CPU cluster
-        result = run_cli(["--config", "test", "--storage", runs.storage, "--run-name", f"elastic{workers}",
+        result = launcher.run(["--config", "test", "--storage", runs.storage, "--run-name", f"elastic{workers}",
                           "--set", f"data.path={runs.data}", "--set", "model.dropout=0", *cpus,
                           "--num-workers", workers, "--max-steps", 24, "--resume", source,
-                          "--audit-dir", trail], ray_address)
+                          "--audit-dir", trail], ray_address=ray_address)
         assert result.rc == 0, result.out[-4000:]
         results[workers] = result
     assert "was written by 2 workers; resuming on 1" in results[1].out

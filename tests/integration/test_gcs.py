@@ -5,14 +5,15 @@ import json
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
+from conftest import read_json, reads
+from faultproxy import FaultProxy
 from safetensors.torch import load
 
-from conftest import REPO, read_json, reads, run_cli_gcs
-from faultproxy import FaultProxy
+from ray_job import launcher
+from ray_job.launcher import REPO
 
 FINAL = "checkpoint-epoch1-step40-files4"
 
@@ -23,7 +24,7 @@ def _args(runs, prefix, run_name, *extra):
 
 
 def _tool(gcs, *args):
-    return run_cli_gcs(list(args), None, gcs.url, module="ray_job.checkpoints")
+    return launcher.run(list(args), module="ray_job.checkpoints", emulator=gcs.url)
 
 
 def _assert_same_as_straight(gcs, runs, prefix, run_name):
@@ -49,10 +50,10 @@ def gcs_runs(runs, gcs, ray_address):
         bucket.blob(f"data/{f.parent.name}/{f.name}").upload_from_filename(str(f))
     data = ["--set", "data.path=gs://ckpts/data", "--set", "data.prepare=none"]
     trail = runs.storage.parent / "audit" / "gcs"
-    first = run_cli_gcs(_args(runs, "runs", "g", "--max-steps", 16, *data), ray_address, gcs.url)
+    first = launcher.run(_args(runs, "runs", "g", "--max-steps", 16, *data), ray_address=ray_address, emulator=gcs.url)
     assert first.rc == 0, first.out[-4000:]
-    second = run_cli_gcs(_args(runs, "runs", "g", "--resume", "latest", "--audit-dir", trail, *data),
-                         ray_address, gcs.url)
+    second = launcher.run(_args(runs, "runs", "g", "--resume", "latest", "--audit-dir", trail, *data),
+                          ray_address=ray_address, emulator=gcs.url)
     assert second.rc == 0, second.out[-4000:]
     return first, second, trail
 
@@ -106,7 +107,7 @@ def test_corrupt_object_refused_listed_and_skipped(gcs_runs, gcs, runs):
     data[100] ^= 0xFF  # same size: only a hash can tell
     victim.upload_from_string(bytes(data))
 
-    refused = run_cli_gcs(_args(runs, "corrupt", "g", "--resume", FINAL, "--max-steps", 48), None, gcs.url)
+    refused = launcher.run(_args(runs, "corrupt", "g", "--resume", FINAL, "--max-steps", 48), emulator=gcs.url)
     assert refused.rc == 2
     assert "is corrupt (optimizer.pt md5" in refused.err and "Traceback" not in refused.out
     table = json.loads(_tool(gcs, "list", "--storage", "gs://ckpts/corrupt", "--run-name", "g", "--json").out)
@@ -124,9 +125,11 @@ def test_transient_faults_are_retried_and_resume_stays_exact(runs, gcs, ray_addr
     checkpoints, resumes and finishes exactly; what is left is whole and what retention keeps."""
     keep = ["--set", "checkpoint.keep_last=2", "--set", "checkpoint.keep_best=1"]
     with FaultProxy(gcs.url) as proxy:
-        first = run_cli_gcs(_args(runs, "faulty", "f", "--max-steps", 16, *keep), ray_address, proxy.url)
+        first = launcher.run(_args(runs, "faulty", "f", "--max-steps", 16, *keep),
+                             ray_address=ray_address, emulator=proxy.url)
         assert first.rc == 0, first.out[-4000:]
-        second = run_cli_gcs(_args(runs, "faulty", "f", "--resume", "latest", *keep), ray_address, proxy.url)
+        second = launcher.run(_args(runs, "faulty", "f", "--resume", "latest", *keep),
+                              ray_address=ray_address, emulator=proxy.url)
         assert second.rc == 0, second.out[-4000:]
     assert proxy.counts["503"] >= 3 and proxy.counts["drop"] >= 3 and proxy.counts["slow"] >= 3, proxy.counts
     table = json.loads(_tool(gcs, "list", "--storage", "gs://ckpts/faulty", "--run-name", "f", "--json").out)
@@ -147,25 +150,23 @@ def test_transient_faults_are_retried_and_resume_stays_exact(runs, gcs, ray_addr
 
 
 def _timed(args, env_extra, tmp_path):
-    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "HOME": str(tmp_path),
-           "NO_GCE_CHECK": "True", "GCE_METADATA_HOST": "127.0.0.1:9", "GCE_METADATA_IP": "127.0.0.1:9",
-           **env_extra}
-    started = time.monotonic()
-    p = subprocess.run([sys.executable, "-m", "ray_job.train", *args], cwd=tmp_path, env=env,
-                       capture_output=True, text=True, timeout=60)
-    return p, time.monotonic() - started
+    """A fresh shell's environment: no credentials, no metadata server (GCE checks fail fast)."""
+    environ = launcher.env(clean=True, HOME=str(tmp_path), NO_GCE_CHECK="True",
+                           GCE_METADATA_HOST="127.0.0.1:9", GCE_METADATA_IP="127.0.0.1:9", **env_extra)
+    result = launcher.run(args, environ=environ, cwd=tmp_path, timeout=60)
+    return result, result.took
 
 
 def test_fail_fast_missing_bucket(gcs, tmp_path):
     p, took = _timed(["--storage", "gs://no-such-bucket/runs"], {"STORAGE_EMULATOR_HOST": gcs.url}, tmp_path)
-    assert p.returncode == 2 and "bucket 'no-such-bucket' does not exist" in p.stderr, p.stderr
+    assert p.rc == 2 and "bucket 'no-such-bucket' does not exist" in p.err, p.err
     assert took < 10, took
     assert not any(tmp_path.iterdir()), "bad input wrote something"
 
 
 def test_fail_fast_no_credentials(tmp_path):
     p, took = _timed(["--storage", "gs://some-bucket/runs"], {}, tmp_path)
-    assert p.returncode == 2 and "no Google Cloud credentials found" in p.stderr, p.stderr
+    assert p.rc == 2 and "no Google Cloud credentials found" in p.err, p.err
     assert took < 10, took
 
 
@@ -175,5 +176,5 @@ def test_fail_fast_endpoint_that_never_answers(tmp_path):
         silent.listen(16)
         url = f"http://127.0.0.1:{silent.getsockname()[1]}"
         p, took = _timed(["--storage", "gs://ckpts/runs"], {"STORAGE_EMULATOR_HOST": url}, tmp_path)
-    assert p.returncode == 2 and "did not answer within" in p.stderr, p.stderr
+    assert p.rc == 2 and "did not answer within" in p.err, p.err
     assert took < 10, took

@@ -5,9 +5,11 @@ continues exactly; the job logs carry the guide's lines."""
 import subprocess
 
 import torch
+from conftest import read_json
 from safetensors.torch import load_file
 
-from conftest import BIN, REPO, _env, read_json
+from ray_job import launcher
+from ray_job.launcher import BIN, REPO
 
 FINAL = "checkpoint-epoch1-step40-files4"
 
@@ -17,7 +19,7 @@ def _submit(ray_cluster, runs, *extra):
            "--working-dir", str(REPO), "--", "python", "-m", "ray_job.train", "--config", "test",
            "--storage", str(runs.storage), "--run-name", "submitted", "--set", f"data.path={runs.data}",
            *extra]
-    p = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    p = subprocess.run(cmd, cwd=REPO, env=launcher.env(), capture_output=True, text=True, timeout=600)
     return p.returncode, p.stdout + p.stderr
 
 
@@ -41,7 +43,7 @@ def test_submit_then_resume_latest_continues_exactly(ray_cluster, runs):
 
 
 def test_start_training_script_submits_when_ray_address_is_a_dashboard(ray_cluster, runs):
-    env = _env(RAY_ADDRESS=ray_cluster.dashboard)
+    env = launcher.env(ray_cluster.dashboard)
     p = subprocess.run([str(REPO / "start_training.sh"), "--config", "test", "--storage", str(runs.storage),
                         "--run-name", "submitted", "--set", f"data.path={runs.data}",
                         "--resume", "checkpoint-epoch0-step999-files0"],

@@ -4,22 +4,18 @@ left in the bucket, `latest` and a named resume never use an incomplete checkpoi
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 
-from conftest import REPO, _env, run_cli_gcs
 from faultproxy import FaultProxy
+
+from ray_job import launcher
 
 
 def test_killed_mid_upload_nothing_incomplete_is_resumed(runs, gcs, ray_address):
     args = ["--config", "test", "--storage", "gs://ckpts/killed", "--run-name", "k",
             "--set", f"data.path={runs.data}"]
     with FaultProxy(gcs.url, schedule=("slow",), max_faults=10_000, slow_s=0.7) as proxy:
-        env = _env(STORAGE_EMULATOR_HOST=proxy.url, RAY_ADDRESS=ray_address)
-        job = subprocess.Popen([sys.executable, "-m", "ray_job.train", *args], cwd=REPO, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               start_new_session=True)
+        job = launcher.start(args, ray_address=ray_address, emulator=proxy.url, start_new_session=True)
         bucket = gcs.client().bucket("ckpts")
         prefix = "killed/k/checkpoint-epoch0-step8-files2/"
         deadline = time.monotonic() + 240
@@ -34,14 +30,14 @@ def test_killed_mid_upload_nothing_incomplete_is_resumed(runs, gcs, ray_address)
         time.sleep(8)  # Ray reaps the dead driver's workers; nothing may write after this
     assert landed and prefix + "metadata.json" not in landed, (landed, output[-3000:])
 
-    listed = run_cli_gcs(["list", "--storage", "gs://ckpts/killed", "--run-name", "k", "--json"],
-                         None, gcs.url, module="ray_job.checkpoints")
+    listed = launcher.run(["list", "--storage", "gs://ckpts/killed", "--run-name", "k", "--json"],
+                          module="ray_job.checkpoints", emulator=gcs.url)
     table = json.loads(listed.out)
     statuses = {r["name"]: r["status"] for r in table}
     assert "complete" not in statuses.values(), statuses
     assert statuses.get("checkpoint-epoch0-step8-files2") == "incomplete", statuses  # killed mid-upload
 
-    latest = run_cli_gcs(args + ["--resume", "latest"], None, gcs.url)
+    latest = launcher.run(args + ["--resume", "latest"], emulator=gcs.url)
     assert latest.rc == 2 and "no complete checkpoint" in latest.err, latest.out[-2000:]
-    named = run_cli_gcs(args + ["--resume", "checkpoint-epoch0-step8-files2"], None, gcs.url)
+    named = launcher.run(args + ["--resume", "checkpoint-epoch0-step8-files2"], emulator=gcs.url)
     assert named.rc == 2 and "is incomplete" in named.err, named.out[-2000:]

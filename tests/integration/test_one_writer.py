@@ -7,18 +7,16 @@ a warning. A Ray start-up failure is exit 1 with one line, and releases the leas
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, _env
+from ray_job import launcher
 from storage import checkpoint as ckpt
 from storage.lease import LEASE, Holder
 from storage.location import resolve
@@ -38,9 +36,7 @@ class Job:
 
 def _two_at_once(args: list, env: dict, timeout: float = 400) -> list[Job]:
     started = time.monotonic()
-    procs = [subprocess.Popen([sys.executable, "-m", "ray_job.train", *map(str, args)], cwd=REPO,
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(2)]
+    procs = [launcher.start(args, environ=env, stderr=subprocess.PIPE) for _ in range(2)]
     ended: dict = {}
     while len(ended) < 2 and time.monotonic() - started < timeout:
         for p in procs:
@@ -90,7 +86,7 @@ def corpus(tmp_path_factory) -> Path:
 def test_two_jobs_on_one_local_run(ray_address, corpus, tmp_path):
     storage = tmp_path / "ckpt"
     jobs = _two_at_once([*TINY, "--storage", storage, "--run-name", "shared",
-                         "--set", f"data.path={corpus}"], _env(RAY_ADDRESS=ray_address))
+                         "--set", f"data.path={corpus}"], launcher.env(ray_address))
     refused, done = _refused_and_done(jobs)
     assert "🏁 Done: step 8" in done.out
     assert _verified(str(storage / "shared")) == NAMES
@@ -101,7 +97,7 @@ def test_two_jobs_take_over_a_killed_jobs_lease_on_gcs(ray_address, corpus, gcs,
     bucket = gcs.client().bucket("ckpts")
     dead = Holder("killed-launch", "gone-host", 999999, time.time() - 7200, time.time() - 3600, "w")
     bucket.blob(f"one-writer/shared/{LEASE}").upload_from_string(dead.to_bytes(), if_generation_match=0)
-    env = _env(RAY_ADDRESS=ray_address, STORAGE_EMULATOR_HOST=gcs.url)
+    env = launcher.env(ray_address, gcs.url)
     jobs = _two_at_once([*TINY, "--storage", "gs://ckpts/one-writer", "--run-name", "shared",
                          "--set", f"data.path={corpus}"], env)
     refused, done = _refused_and_done(jobs)
@@ -122,10 +118,8 @@ def test_two_jobs_take_over_a_killed_jobs_lease_on_gcs(ray_address, corpus, gcs,
 
 def test_ctrl_c_during_training_is_130_one_line_lease_released(ray_address, corpus, tmp_path):
     storage = tmp_path / "ckpt"
-    job = subprocess.Popen([sys.executable, "-m", "ray_job.train", *TINY, "--max-steps", "40",
-                            "--storage", str(storage), "--run-name", "interrupted",
-                            "--set", f"data.path={corpus}"], cwd=REPO, env=_env(RAY_ADDRESS=ray_address),
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    job = launcher.start([*TINY, "--max-steps", "40", "--storage", storage, "--run-name", "interrupted",
+                          "--set", f"data.path={corpus}"], ray_address=ray_address, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and job.poll() is None and not list(storage.glob("*/checkpoint-*/metadata.json")):
         time.sleep(0.2)  # training is under way: its first checkpoint is complete
@@ -145,15 +139,14 @@ def test_ctrl_c_during_training_is_130_one_line_lease_released(ray_address, corp
 
 def test_ray_start_failure_is_exit_1_one_line_and_the_lease_is_released(corpus, tmp_path):
     storage = tmp_path / "ckpt"
-    p = subprocess.run([sys.executable, "-m", "ray_job.train", *TINY, "--storage", str(storage),
-                        "--set", f"data.path={corpus}"], cwd=REPO, env=_env(RAY_ADDRESS="nonsense"),
-                       capture_output=True, text=True, timeout=120)
-    assert p.returncode == 1, p.stderr[-3000:]
-    assert "Traceback" not in p.stdout + p.stderr
-    ours = [line for line in p.stderr.splitlines() if line.startswith(("❌", "error:"))]
+    p = launcher.run([*TINY, "--storage", storage, "--set", f"data.path={corpus}"],
+                     ray_address="nonsense", timeout=120)
+    assert p.rc == 1, p.err[-3000:]
+    assert "Traceback" not in p.out
+    ours = [line for line in p.err.splitlines() if line.startswith(("❌", "error:"))]
     assert ours == ["❌ Ray did not start: ValueError: Invalid address format: nonsense "
-                    "(RAY_ADDRESS=nonsense)"], p.stderr
-    assert p.stderr.strip().splitlines()[-1] == ours[0]
+                    "(RAY_ADDRESS=nonsense)"], p.err
+    assert p.err.strip().splitlines()[-1] == ours[0]
     assert not (storage / "test" / LEASE).exists()
 
 

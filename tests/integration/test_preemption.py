@@ -5,19 +5,21 @@ from that checkpoint and it finishes, exact, having lost at most one step of wor
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
 import time
 
-from conftest import BIN, REPO, _env, audit, read_json
+from conftest import audit, read_json
+
+from ray_job import launcher
+from ray_job.launcher import BIN
+
 
 def _node_with(resource: str, address: str) -> str:
-    code = ("import ray, json; ray.init(address=%r, log_to_driver=False); "
-            "print(json.dumps([n['NodeID'] for n in ray.nodes() if n['Alive'] and %r in n['Resources']]))"
-            % (address, resource))
-    p = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True, timeout=120)
+    code = (f"import ray, json; ray.init(address={address!r}, log_to_driver=False); "
+            f"print(json.dumps([n['NodeID'] for n in ray.nodes() if n['Alive'] and {resource!r} in n['Resources']]))")
+    p = subprocess.run([sys.executable, "-c", code], env=launcher.env(), capture_output=True, text=True, timeout=120)
     ids = json.loads(p.stdout.strip().splitlines()[-1])
     assert len(ids) == 1, p.stdout + p.stderr
     return ids[0]
@@ -40,16 +42,14 @@ def _raylet_pid(node_id: str) -> int:
 def test_preemption_notice_saves_then_run_resumes_from_it(runs, ray_cluster):
     start = [str(BIN / "ray"), "start", f"--address={ray_cluster.address}", "--node-ip-address=127.0.0.1",
              "--num-cpus=2", '--resources={"spot": 1}', "--disable-usage-stats"]
-    subprocess.run(start, env=_env(), check=True, capture_output=True, timeout=180)
+    subprocess.run(start, env=launcher.env(), check=True, capture_output=True, timeout=180)
     node = _node_with("spot", ray_cluster.address)
     trail = runs.storage.parent / "audit" / "preempted"
     args = ["--config", "test", "--storage", runs.storage, "--run-name", "preempted",
             "--set", f"data.path={runs.data}", "--set", "scaling.placement_strategy=SPREAD", "--max-failures", 1,
             "--set", "checkpoint.preemption_wait_s=120", "--max-steps", 300, "--checkpoint-every", 100,
             "--audit-dir", trail]  # long enough for the drain to arrive mid-run
-    job = subprocess.Popen([sys.executable, "-m", "ray_job.train", *map(str, args)], cwd=REPO,
-                           env=_env(RAY_ADDRESS=ray_cluster.address), stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT, text=True)
+    job = launcher.start(args, ray_address=ray_cluster.address)
     try:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and job.poll() is None:
@@ -60,7 +60,7 @@ def test_preemption_notice_saves_then_run_resumes_from_it(runs, ray_cluster):
         drain = [str(BIN / "ray"), "drain-node", f"--address={ray_cluster.address}", f"--node-id={node}",
                  "--reason=DRAIN_NODE_REASON_PREEMPTION", "--reason-message=spot reclaim (test)",
                  "--deadline-remaining-seconds=120"]
-        subprocess.run(drain, env=_env(), check=True, capture_output=True, timeout=60)
+        subprocess.run(drain, env=launcher.env(), check=True, capture_output=True, timeout=60)
         saved = None
         while time.monotonic() < deadline and job.poll() is None and saved is None:
             for d in sorted((runs.storage / "preempted").glob("checkpoint-*")):

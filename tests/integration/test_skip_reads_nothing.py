@@ -6,7 +6,6 @@ ranks decodes each row group of an epoch once."""
 from collections import Counter
 
 import pyarrow.parquet as pq
-
 from conftest import audit, read_json, reads
 
 ROW_GROUP = 10  # the test corpus's row groups

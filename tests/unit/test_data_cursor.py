@@ -162,7 +162,8 @@ def test_locate_matches_brute_force(dataset):
         starts.setdefault(p, gpos)
     rng = np.random.default_rng(0)
     total = len(file_pos)
-    ranges = [(0, total), (0, 1), (total - 1, total)] + [tuple(sorted(rng.integers(0, total + 1, 2))) for _ in range(300)]
+    ranges = [(0, total), (0, 1), (total - 1, total)]
+    ranges += [tuple(sorted(rng.integers(0, total + 1, 2))) for _ in range(300)]
     for lo, hi in ranges:
         pieces = plan.locate(int(lo), int(hi))
         got = [(p, starts[p] + row) for p, first, end in pieces for row in range(first, end)]
@@ -220,7 +221,6 @@ def test_resume_is_the_suffix_and_skips_finished_files(dataset, world):
     plan = EpochOrder.make(index, 2, 1)
     _, file_pos = expected_epoch(index, plan)
     steps = plan.steps(g)
-    per = g // world
     full = {r: run_stream(loc, plan, g, world, r, 0)[0] for r in range(world)}
     for c in range(0, steps * g + 1, g):
         done = plan.files_done(c)

@@ -1,5 +1,6 @@
 """storage.names: the one format/parse of checkpoint names."""
 
+import dataclasses
 import itertools
 import random
 
@@ -93,7 +94,7 @@ def test_non_ascii_digits_rejected():
 
 def test_names_are_frozen_and_hashable():
     name = CheckpointName(1, 2, 3)
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         name.step = 5  # type: ignore[misc]
     assert len({name, CheckpointName(1, 2, 3), CheckpointName(1, 2, 4)}) == 2
 
@@ -122,7 +123,8 @@ def test_sort_names_drops_others_and_orders_by_step_then_epoch_then_files():
     mixed = good + junk
     rng.shuffle(mixed)
     result = sort_names(mixed)
-    expected = [f"checkpoint-epoch{e}-step{s}-files{f}" for e, s, f in sorted(triples, key=lambda t: (t[1], t[0], t[2]))]
+    in_order = sorted(triples, key=lambda t: (t[1], t[0], t[2]))
+    expected = [f"checkpoint-epoch{e}-step{s}-files{f}" for e, s, f in in_order]
     assert result == expected
     assert not set(junk) & set(result)
 

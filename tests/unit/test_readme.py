@@ -2,9 +2,8 @@
 
 import os
 import re
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+from ray_job.launcher import REPO
 
 
 def _first_block() -> list[str]:

@@ -44,7 +44,6 @@ def test_a_non_numeric_validation_loss_is_kept_and_never_ranked():
 
 
 def test_apply_logs_a_non_numeric_metric_and_keeps_the_checkpoint(tmp_path):
-    import json
     import os
 
     from storage import checkpoint as ckpt

@@ -9,7 +9,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+from ray_job.launcher import REPO
+
 BASE_PATH = "/usr/bin:/bin"
 
 
