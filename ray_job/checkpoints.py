@@ -14,8 +14,9 @@ import sys
 
 from configs.schema import path_component_problem
 from ray_job.errors import UserError
-from storage import checkpoint as ckpt
+from storage.listing import scan
 from storage.location import Location, StorageUnreachable, join, probe, resolve
+from storage.manifest import METRICS, Status, check
 from storage.names import CheckpointName
 
 
@@ -37,8 +38,8 @@ def _run(args) -> Location:
 def rows(run: Location, verify: bool = False) -> list[dict]:
     """On GCS hashes are always checked (the server's MD5s: one listing, no download)."""
     out = []
-    for entry in ckpt.list_checkpoints(run):
-        result = ckpt.check(entry.loc, verify_hashes=verify or run.is_remote)
+    for entry in scan(run, verify_hashes=verify or run.is_gcs):
+        result = entry.result
         meta = result.metadata
         out.append({
             "name": str(entry.name), "step": entry.name.step, "epoch": entry.name.epoch,
@@ -73,8 +74,8 @@ def cmd_list(args) -> int:
     if not table:
         print(f"No checkpoints in {run.uri}")
         return 0
-    header = f"{'name':<40} {'step':>7} {'epoch':>5} {'files':>5} {'train':>8} {'val':>8} {'size':>8}  {'created':<20} status"
-    print(header)
+    print(f"{'name':<40} {'step':>7} {'epoch':>5} {'files':>5} {'train':>8} {'val':>8} {'size':>8}  "
+          f"{'created':<20} status")
     for r in table:
         print(f"{r['name']:<40} {r['step']:>7} {r['epoch']:>5} {r['files']:>5} "
               f"{_fmt(r['train_loss'], '.4f'):>8} {_fmt(r['val_loss'], '.4f'):>8} {_size(r['size']):>8}  "
@@ -89,14 +90,14 @@ def cmd_show(args) -> int:
     except ValueError as e:
         raise UserError(f"show {e}") from None
     loc = run.child(args.name)
-    result = ckpt.check(loc, verify_hashes=args.verify or loc.is_remote)
-    if not result.metadata and result.status is ckpt.Status.INCOMPLETE:
-        names = ", ".join(str(e.name) for e in ckpt.list_checkpoints(run)) or "none"
+    result = check(loc, verify_hashes=args.verify or loc.is_gcs)
+    if not result.metadata and result.status is Status.INCOMPLETE:
+        names = ", ".join(str(e.name) for e in scan(run)) or "none"
         raise UserError(f"No files found for checkpoint {args.name} in {run.uri} "
                         f"(or it has no metadata.json). Checkpoints there: {names}")
     metrics = {}
     try:
-        with loc.fs.open_input_stream(join(loc.path, ckpt.METRICS)) as f:
+        with loc.fs.open_input_stream(join(loc.path, METRICS)) as f:
             metrics = json.loads(f.read())
     except (OSError, ValueError):
         pass
@@ -134,7 +135,7 @@ def cmd_plot(args) -> int:
     if not complete:
         raise UserError(f"plot: no complete checkpoint in {run.uri} to read training_metrics.json from")
     newest = run.child(complete[-1]["name"])
-    with newest.fs.open_input_stream(join(newest.path, ckpt.METRICS)) as f:
+    with newest.fs.open_input_stream(join(newest.path, METRICS)) as f:
         metrics = json.loads(f.read())
     fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(10, 7), sharex=True,
                                          gridspec_kw={"height_ratios": [3, 1.4]})

@@ -18,6 +18,7 @@ from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer
 
 from configs.schema import Config
+from storage import gcs
 from storage.location import Location
 from trainers.ingest import train_dataset
 from trainers.launch_plan import LaunchPlan
@@ -33,8 +34,8 @@ def init_ray(cfg: Config) -> None:
     env = {}
     if "RAY_JOB_CONFIG_JSON_ENV_VAR" not in os.environ:  # a submitted job ships its working dir
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO_ROOT, os.environ.get("PYTHONPATH")]))
-    if os.environ.get("STORAGE_EMULATOR_HOST"):  # workers must see the same GCS as the driver
-        env["STORAGE_EMULATOR_HOST"] = os.environ["STORAGE_EMULATOR_HOST"]
+    if gcs.emulator_host():  # workers must see the same GCS as the driver
+        env[gcs.EMULATOR_HOST] = gcs.emulator_host()
     runtime_env = {"env_vars": env} if env else None
     if os.environ.get("RAY_ADDRESS"):
         ray.init(runtime_env=runtime_env, log_to_driver=True)

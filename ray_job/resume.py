@@ -6,8 +6,9 @@ from dataclasses import dataclass
 
 from configs.schema import Config
 from ray_job.errors import UserError
-from storage import checkpoint as ckpt
+from storage.listing import Entry, latest_complete, scan
 from storage.location import Location, StorageUnreachable, probe, resolve
+from storage.manifest import METADATA
 from storage.names import CheckpointName
 
 
@@ -23,44 +24,42 @@ class ResumeChoice:
 
 
 def _existing(run: Location) -> str:
-    names = [str(e.name) for e in ckpt.list_checkpoints(run)]
+    names = [str(e.name) for e in scan(run)]
     return ", ".join(names) if names else "none"
 
 
 def resolve_resume(arg: str, run: Location) -> ResumeChoice:
     """`latest`, a checkpoint name in this run, or a full path/URI to a checkpoint folder."""
     if arg == "latest":
-        entry = ckpt.latest_complete(run)
+        entry = latest_complete(run)
         if entry is None:
             raise UserError(
                 f"--resume latest: no complete checkpoint in {run.uri} "
                 f"(checkpoints there: {_existing(run)}); start without --resume, or check "
                 "--storage and --run-name"
             )
-        loc, name = entry.loc, str(entry.name)
     elif "/" in arg or "://" in arg:
-        loc = _checkpoint_folder(arg)
-        name = loc.path.rstrip("/").rsplit("/", 1)[-1]
-        if ckpt.check(loc).status is ckpt.Status.INCOMPLETE and not _any_file(loc):
-            raise UserError(f"No files found for checkpoint {arg}: nothing at {loc.uri}")
+        entry = Entry.at(_checkpoint_folder(arg), verify_hashes=True)
+        if entry.empty:
+            raise UserError(f"No files found for checkpoint {arg}: nothing at {entry.loc.uri}")
     else:
         try:
             CheckpointName.parse(arg)
         except ValueError as e:
             raise UserError(f"--resume {e}") from None
-        loc, name = run.child(arg), arg
-        if not _any_file(loc):
+        entry = Entry.at(run.child(arg), verify_hashes=True)
+        if entry.empty:
             raise UserError(
                 f"No files found for checkpoint {arg} in {run.uri}. Checkpoints there: "
                 f"{_existing(run)}. Check the name, --storage and --run-name, or use --resume latest"
             )
-    result = ckpt.check(loc, verify_hashes=True)
+    result = entry.result
     if not result.ok:
         raise UserError(
-            f"--resume {arg}: checkpoint {loc.uri} is {result.status.value} ({result.reason}) and "
+            f"--resume {arg}: checkpoint {entry.loc.uri} is {result.status.value} ({result.reason}) and "
             f"cannot be resumed; pick a complete one (--resume latest skips incomplete ones)"
         )
-    return ResumeChoice(name=name, loc=loc, metadata=result.metadata)
+    return ResumeChoice(name=str(entry.name), loc=entry.loc, metadata=result.metadata)
 
 
 def _checkpoint_folder(arg: str) -> Location:
@@ -72,7 +71,7 @@ def _checkpoint_folder(arg: str) -> Location:
         loc = resolve(arg)
     except ValueError as e:
         raise UserError(f"--resume {arg}: {e}") from None
-    if loc.is_remote:
+    if loc.is_gcs:
         try:
             probe(loc)  # no credentials or no bucket: seconds, not a minute of retries
         except StorageUnreachable as e:
@@ -80,7 +79,7 @@ def _checkpoint_folder(arg: str) -> Location:
     folder = loc.path.rstrip("/").rsplit("/", 1)[-1]
     if loc.fs.get_file_info(loc.path).type == pafs.FileType.File:
         parent = loc.uri.rstrip("/").rsplit("/", 1)[0]
-        hint = f" (--resume {parent}?)" if folder == ckpt.METADATA else ""
+        hint = f" (--resume {parent}?)" if folder == METADATA else ""
         raise UserError(f"--resume {arg}: {loc.uri} is a file; give the checkpoint folder that "
                         f"holds metadata.json{hint}")
     if CheckpointName.try_parse(folder) is None:
@@ -88,18 +87,6 @@ def _checkpoint_folder(arg: str) -> Location:
                         "checkpoint-epoch{E}-step{S}-files{F}); give a checkpoint folder, a "
                         "checkpoint name in this run, or latest")
     return loc
-
-
-def _any_file(loc: Location) -> bool:
-    """Whether the checkpoint folder holds anything. Not recursive: a checkpoint's files sit
-    directly in it, and a walk must never wander through a big tree."""
-    import pyarrow.fs as pafs
-
-    info = loc.fs.get_file_info(loc.path)
-    if info.type == pafs.FileType.File:
-        return True
-    sel = pafs.FileSelector(loc.path, recursive=False, allow_not_found=True)
-    return any(i.type == pafs.FileType.File for i in loc.fs.get_file_info(sel))
 
 
 ARCHITECTURE = ("vocab_size", "seq_len", "n_layer", "n_head", "d_model")  # dropout may change
@@ -144,7 +131,7 @@ def check_no_overwrite(run: Location, choice: ResumeChoice | None) -> None:
 
     The rule is decided here, on the driver, before any worker starts, so every rank agrees.
     """
-    complete = [e for e in ckpt.list_checkpoints(run) if ckpt.check(e.loc).ok]
+    complete = [e for e in scan(run) if e.result.ok]
     if choice is None and complete:
         raise UserError(
             f"run '{run.uri}' already has checkpoints (newest: {complete[-1].name}); "

@@ -1,18 +1,30 @@
 """What pyarrow's GcsFileSystem lacks, through google-cloud-storage: create-only writes
 (if_generation_match=0, so a checkpoint's commit marker can never be replaced) and the
-server-side MD5 of every object (so a checkpoint is verified without downloading it)."""
+server-side MD5 of every object (so a checkpoint is verified without downloading it).
+
+Also the one reader of STORAGE_EMULATOR_HOST, the standard variable that points both
+google-cloud-storage and (storage/location.py) pyarrow at a GCS API server such as
+storage/emulator.py instead of Google's.
+"""
 
 from __future__ import annotations
 
 import os
 from functools import lru_cache
 
+EMULATOR_HOST = "STORAGE_EMULATOR_HOST"
+
+
+def emulator_host() -> str | None:
+    """The GCS API server to talk to instead of Google's (host:port or a URL), or None."""
+    return os.environ.get(EMULATOR_HOST) or None
+
 
 @lru_cache(maxsize=1)
 def client():
     from google.cloud import storage
 
-    if os.environ.get("STORAGE_EMULATOR_HOST"):
+    if emulator_host():
         from google.auth.credentials import AnonymousCredentials
 
         return storage.Client(project="emulator", credentials=AnonymousCredentials())

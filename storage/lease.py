@@ -38,12 +38,12 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable
 
-from storage.checkpoint import _link_create_only
 from storage.location import Location, join
+from storage.transfer import link_create_only
 
 LEASE = ".lease.json"
 LOCK = ".lease.lock"
@@ -55,7 +55,7 @@ class LeaseError(Exception):
 
 
 class LeaseHeld(LeaseError):
-    def __init__(self, message: str, holder: "Holder"):
+    def __init__(self, message: str, holder: Holder):
         super().__init__(message)
         self.holder = holder
 
@@ -74,7 +74,7 @@ class Holder:
     write_id: str
 
     @classmethod
-    def parse(cls, raw: bytes) -> "Holder | None":
+    def parse(cls, raw: bytes) -> Holder | None:
         try:
             d = json.loads(raw)
             if not isinstance(d, dict) or d.get("format") != FORMAT:
@@ -127,7 +127,7 @@ class _LocalStore:
         os.makedirs(self.folder, exist_ok=True)
         tmp = self._write_temp(data)
         try:
-            _link_create_only(tmp, self.path)  # FileExistsError if a lease is there
+            link_create_only(tmp, self.path)  # FileExistsError if a lease is there
         finally:
             os.unlink(tmp)
         return data
@@ -248,9 +248,9 @@ class _GcsStore:
 
 
 def _store(run: Location):
-    if run.fs.type_name == "gcs":
+    if run.is_gcs:
         return _GcsStore(run.path)
-    if run.fs.type_name == "local":
+    if run.is_local:
         return _LocalStore(run.path)
     raise LeaseError(f"{run.uri}: no lease for a {run.fs.type_name} filesystem (local or gs:// only)")
 

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import os
 import posixpath
-from datetime import timedelta
 from dataclasses import dataclass
+from datetime import timedelta
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
+
+from storage import gcs
 
 GCS_RETRY = timedelta(seconds=10)  # pyarrow retries GCS for 15 minutes by default: fail fast
 
@@ -24,10 +26,16 @@ class Location:
     uri: str  # what a user would type to reach the same place
 
     @property
-    def is_remote(self) -> bool:
-        return self.uri.startswith("gs://")
+    def is_gcs(self) -> bool:
+        """On GCS: google-cloud-storage (storage/gcs.py) does what pyarrow cannot."""
+        return self.fs.type_name == "gcs"
 
-    def child(self, *parts: str) -> "Location":
+    @property
+    def is_local(self) -> bool:
+        """On this machine's disk: read in place, hard links, real directories."""
+        return self.fs.type_name == "local"
+
+    def child(self, *parts: str) -> Location:
         return Location(self.fs, join(self.path, *parts), join(self.uri, *parts))
 
 
@@ -35,9 +43,13 @@ def join(base: str, *parts: str) -> str:
     return posixpath.join(base.rstrip("/"), *(p.strip("/") for p in parts)) if parts else base
 
 
+def exists(fs: pafs.FileSystem, path: str) -> bool:
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
 def gcs_filesystem(retry: timedelta = GCS_RETRY) -> pafs.GcsFileSystem:
     """A GcsFileSystem honouring STORAGE_EMULATOR_HOST, the standard emulator variable."""
-    emulator = os.environ.get("STORAGE_EMULATOR_HOST")
+    emulator = gcs.emulator_host()
     if emulator:
         parsed = urlparse(emulator if "://" in emulator else f"http://{emulator}")
         return pafs.GcsFileSystem(
@@ -79,7 +91,7 @@ def probe(loc: Location, timeout: float = 6.0, writable: bool = False) -> None:
     a write would change the folder, and the run's lease (storage/lease.py) is the first real
     write, still before Ray starts. A missing local folder is made on first write.
     """
-    if not loc.is_remote:
+    if not loc.is_gcs:
         problem = local_write_problem(loc.path) if writable else None
         if problem is not None:
             raise StorageUnreachable(f"{loc.uri}: {problem}")
@@ -87,12 +99,13 @@ def probe(loc: Location, timeout: float = 6.0, writable: bool = False) -> None:
     import threading
 
     bucket = loc.path.split("/", 1)[0]
-    hint = ("check STORAGE_EMULATOR_HOST" if os.environ.get("STORAGE_EMULATOR_HOST")
+    emulator = gcs.emulator_host()
+    hint = (f"check {gcs.EMULATOR_HOST}" if emulator
             else "check the bucket name and the machine's credentials (gcloud auth "
                  "application-default login, or the node's service account)")
 
     def look() -> pafs.FileInfo:
-        if not os.environ.get("STORAGE_EMULATOR_HOST"):
+        if not emulator:
             _require_credentials()  # before any request: no credentials must not cost a timeout
         fs = gcs_filesystem(retry=timedelta(seconds=max(1.0, timeout / 2)))
         info = fs.get_file_info(bucket)

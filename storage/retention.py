@@ -13,9 +13,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from storage import checkpoint as ckpt
+from storage.listing import scan
 from storage.location import Location
 from storage.names import CheckpointName
+from storage.transfer import delete
 
 
 @dataclass(frozen=True)
@@ -58,19 +59,19 @@ def apply(run: Location, policy: Policy, log=print) -> list[str]:
     incomplete and is never resumed. A failed delete is logged, not fatal."""
     if policy.keep_last <= 0:
         return []
-    entries = {str(e.name): e for e in ckpt.list_checkpoints(run)}
+    entries = {e.name: e for e in scan(run)}
     candidates = []
     for name, entry in entries.items():
-        result = ckpt.check(entry.loc)
-        candidates.append(Candidate(entry.name, result.ok, result.metadata.get("val_loss")))
+        result = entry.result
+        candidates.append(Candidate(name, result.ok, result.metadata.get("val_loss")))
         if result.ok and unrankable(candidates[-1]):
             log(f"⚠️  Retention keeps {name}: its val_loss {candidates[-1].val_loss!r} is not a "
                 "finite number, so it cannot be ranked")
     deleted = []
     for name in which_to_delete(candidates, policy):
-        loc = entries[str(name)].loc
+        loc = entries[name].loc
         try:
-            ckpt.delete(loc)
+            delete(loc)
             deleted.append(str(name))
         except OSError as e:
             log(f"⚠️  Retention could not delete {loc.uri}: {e}")

@@ -15,7 +15,7 @@ What a checkpoint holds, one mapping of stateful parts (as torchtitan's Checkpoi
     ======================  ===========================================  ==================
 
 Nothing is unpickled on load: a checkpoint from a stranger cannot run code. The file names are
-storage/checkpoint.py's: its completeness check requires every file loaded here.
+storage/manifest.py's: its completeness check requires every file loaded here.
 """
 
 from __future__ import annotations
@@ -38,8 +38,7 @@ import torch.distributed as dist
 from ray.train import Checkpoint, CheckpointUploadMode
 from safetensors.torch import load_file, save_file
 
-from storage import checkpoint as ckpt
-from storage import retention
+from storage import manifest, retention, transfer
 from storage.location import resolve
 from storage.names import CheckpointName
 from trainers import source as sources
@@ -80,8 +79,8 @@ class Checkpointer:
         self.rank, self.world, self.say = rank, world, say
         self.model = model  # unwrapped: saved and loaded without DDP's prefixes
         self.scheduler = scheduler
-        self.states = {ckpt.MODEL: _Weights(model), ckpt.OPTIMIZER: _TorchState(optimizer),
-                       ckpt.SCHEDULER: _TorchState(scheduler)}
+        self.states = {manifest.MODEL: _Weights(model), manifest.OPTIMIZER: _TorchState(optimizer),
+                       manifest.SCHEDULER: _TorchState(scheduler)}
         self.run = resolve(plan.run_uri)
         self.progress_initial = 0
         resumed = plan.resume
@@ -107,32 +106,32 @@ class Checkpointer:
         say, name = self.say, source.name
         say(f"🔄 Attempting to resume training from checkpoint: {name}")
         started = time.time()
-        if source.loc.is_remote:
+        if source.loc.is_gcs:
             say("📥 Downloading checkpoint from GCS...")
         scratch = tempfile.mkdtemp(prefix="resume-")
         try:
             # Each rank downloads what it loads: everything but the other ranks' RNG states.
             # Hashes: the driver verified --resume (a local one is loaded as it stands); a
             # download, or a retry's own checkpoint, is verified here.
-            folder = ckpt.fetch(source.loc, scratch, wanted=self._wanted,
-                                verify=source.retry or source.loc.is_remote)
+            folder = transfer.fetch(source.loc, scratch, wanted=self._wanted,
+                                    verify=source.retry or source.loc.is_gcs)
             fetched = time.time()
-            metadata = _read_json(os.path.join(folder, ckpt.METADATA))
+            metadata = _read_json(os.path.join(folder, manifest.METADATA))
             for file, part in self.states.items():
                 part.load(os.path.join(folder, file))
-            rng = os.path.join(folder, ckpt.rng_file(self.rank))
+            rng = os.path.join(folder, manifest.rng_file(self.rank))
             if metadata["world_size"] == self.world and os.path.exists(rng):
                 _restore_rng(rng)
             else:
                 say(f"⚠️  Checkpoint was written by {metadata['world_size']} workers, this run has "
                     f"{self.world}: data order and cursor carry over; dropout streams start fresh")
-            state = TrainState.from_checkpoint(metadata, _read_json(os.path.join(folder, ckpt.METRICS)))
+            state = TrainState.from_checkpoint(metadata, _read_json(os.path.join(folder, manifest.METRICS)))
         finally:
             shutil.rmtree(scratch, ignore_errors=True)  # a downloaded copy; a local one stays put
         if (state.step, state.epoch, state.samples_in_epoch) != (source.step, source.epoch,
                                                                  source.samples_in_epoch):
-            raise ckpt.CheckpointError(f"{name} changed while resuming (step {source.step} when "
-                                       f"chosen, {state.step} when loaded): not resuming from it")
+            raise manifest.CheckpointError(f"{name} changed while resuming (step {source.step} when "
+                                           f"chosen, {state.step} when loaded): not resuming from it")
         state.resumes.append([state.step, name])
         self.progress_initial = state.step
         say(f"✅ Resumed from checkpoint: {name}")
@@ -148,7 +147,7 @@ class Checkpointer:
         return state
 
     def _wanted(self, rel: str) -> bool:
-        return not rel.startswith("rng_state_rank") or rel == ckpt.rng_file(self.rank)
+        return not rel.startswith("rng_state_rank") or rel == manifest.rng_file(self.rank)
 
     # --- save ------------------------------------------------------------------------------
 
@@ -181,16 +180,17 @@ class Checkpointer:
             for file, part in self.states.items():
                 part.save(os.path.join(folder, file))
             for rank, blob in enumerate(blobs):
-                with open(os.path.join(folder, ckpt.rng_file(rank)), "wb") as f:
+                with open(os.path.join(folder, manifest.rng_file(rank)), "wb") as f:
                     f.write(blob)
-            with open(os.path.join(folder, ckpt.METRICS), "w") as f:
+            with open(os.path.join(folder, manifest.METRICS), "w") as f:
                 json.dump(state.metrics_dict(), f)
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise
         to_commit = {
             "name": str(name), "run_name": self.cfg.run_name, "launch_id": self.plan.launch_id,
-            "created_at": ckpt.now_iso(), "files_processed": name.files, "world_size": self.world,
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "files_processed": name.files, "world_size": self.world,
             "global_batch_size": self.cfg.train.global_batch_size, "config": asdict(self.cfg),
             "data_index": self.plan.data_index.to_json(),
             "resumed_from": asdict(self.plan.resume) if self.plan.resume else None,
@@ -219,13 +219,13 @@ class Checkpointer:
             dest = run.child(dir_name)
             started = time.time()
             try:
-                existing = ckpt.check(dest)
+                existing = manifest.check(dest)
                 if existing.ok and existing.metadata.get("launch_id") == launch_id:
                     # A retry regenerated a checkpoint this launch already wrote: same state, keep it.
                     _say(f"☁️  {dir_name} is already in storage from this run; keeping it")
                     return Checkpoint(path=dest.path, filesystem=dest.fs)
-                ckpt.write_metadata(checkpoint.path, to_commit)  # hashes: here, off the training thread
-                ckpt.upload(checkpoint.path, dest)
+                manifest.write_metadata(checkpoint.path, to_commit)  # hashes: here, off the training thread
+                transfer.upload(checkpoint.path, dest)
             except BaseException:
                 shutil.rmtree(checkpoint.path, ignore_errors=True)  # Ray deletes it only on success
                 raise

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from storage import checkpoint as ckpt
+from storage.listing import scan
 from storage.location import Location, resolve
 from trainers.launch_plan import LaunchPlan
 
@@ -35,9 +35,8 @@ class Source:
 
 
 def choose(plan: LaunchPlan) -> Source | None:
-    run = resolve(plan.run_uri)
-    for entry in reversed(ckpt.list_checkpoints(run)):
-        result = ckpt.check(entry.loc)
+    for entry in reversed(scan(resolve(plan.run_uri))):
+        result = entry.result
         if not result.ok:
             continue  # a save in flight or killed mid-upload
         if result.metadata.get("launch_id") == plan.launch_id:

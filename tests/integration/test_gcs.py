@@ -71,7 +71,7 @@ def test_resume_reads_gcs_data_from_the_cursor(gcs_runs, gcs):
     # step 16 = 256 samples = the first 4 files of epoch 0: only the last 2 are read
     assert sorted(epoch0) == sorted(order.index.files[i] for i in order.order[4:])  # once each
     assert {r["epoch"] for r in opens} == {0, 1}
-    assert resolve("gs://ckpts/data").is_remote
+    assert resolve("gs://ckpts/data").is_gcs
 
 
 def test_train_checkpoint_resume_on_gcs_is_exact(gcs_runs, gcs, runs):
@@ -113,7 +113,7 @@ def test_corrupt_object_refused_listed_and_skipped(gcs_runs, gcs, runs):
     table = json.loads(_tool(gcs, "list", "--storage", "gs://ckpts/corrupt", "--run-name", "g", "--json").out)
     assert {r["name"]: r["status"] for r in table}[FINAL] == "corrupt"
     probe = subprocess.run(
-        [sys.executable, "-c", "from storage.checkpoint import latest_complete; "
+        [sys.executable, "-c", "from storage.listing import latest_complete; "
          "from storage.location import resolve; "
          "print(latest_complete(resolve('gs://ckpts/corrupt/g')).name)"],
         cwd=REPO, capture_output=True, text=True, env={"STORAGE_EMULATOR_HOST": gcs.url, "PATH": ""})

@@ -17,9 +17,10 @@ from pathlib import Path
 import pytest
 
 from ray_job import launcher
-from storage import checkpoint as ckpt
+from storage import listing
 from storage.lease import LEASE, Holder
 from storage.location import resolve
+from storage.manifest import Status
 
 TINY = ["--config", "test", "--max-steps", "8", "--checkpoint-every", "4"]
 NAMES = ["checkpoint-epoch0-step4-files1", "checkpoint-epoch0-step8-files2"]
@@ -66,9 +67,9 @@ def _refused_and_done(jobs: list[Job]) -> tuple[Job, Job]:
 
 def _verified(run_uri: str) -> list[str]:
     run = resolve(run_uri)
-    names = [str(e.name) for e in ckpt.list_checkpoints(run)]
-    for entry in ckpt.list_checkpoints(run):
-        result = ckpt.check(entry.loc, verify_hashes=True)
+    names = [str(e.name) for e in listing.scan(run)]
+    for entry in listing.scan(run, verify_hashes=True):
+        result = entry.result
         assert result.ok, (entry.name, result.reason)
     return names
 
@@ -132,9 +133,9 @@ def test_ctrl_c_during_training_is_130_one_line_lease_released(ray_address, corp
                     "one being written stays incomplete and is never resumed"], err[-3000:]
     assert not (storage / "interrupted" / LEASE).exists()
     run = resolve(str(storage / "interrupted"))
-    for entry in ckpt.list_checkpoints(run):  # whole, or visibly not (never half-committed)
-        result = ckpt.check(entry.loc, verify_hashes=True)
-        assert result.ok or result.status is ckpt.Status.INCOMPLETE, (entry.name, result.reason)
+    for entry in listing.scan(run, verify_hashes=True):  # whole, or visibly not (never half-committed)
+        result = entry.result
+        assert result.ok or result.status is Status.INCOMPLETE, (entry.name, result.reason)
 
 
 def test_ray_start_failure_is_exit_1_one_line_and_the_lease_is_released(corpus, tmp_path):

@@ -1,4 +1,5 @@
-"""storage.checkpoint on a local folder (and a pyarrow SubTreeFileSystem standing in for a bucket)."""
+"""storage.manifest, storage.listing and storage.transfer on a local folder (and a pyarrow
+SubTreeFileSystem standing in for a bucket)."""
 
 import base64
 import hashlib
@@ -8,9 +9,9 @@ import os
 import pyarrow.fs as pafs
 import pytest
 
-from storage import checkpoint as ckpt
-from storage.checkpoint import CheckpointError, Status
+from storage import gcs, listing, manifest, transfer
 from storage.location import Location, resolve
+from storage.manifest import CheckpointError, Status
 from storage.names import CheckpointName
 
 FILES = {
@@ -56,7 +57,7 @@ def make_local(folder, files=FILES, extra_meta=None):
         base = os.path.basename(str(folder))
         extra_meta = realistic_meta(base if CheckpointName.try_parse(base) else
                                     "checkpoint-epoch0-step8-files2")
-    return ckpt.write_metadata(str(folder), extra_meta)
+    return manifest.write_metadata(str(folder), extra_meta)
 
 
 def put_checkpoint(run_dir, name, files=FILES):
@@ -87,13 +88,13 @@ def test_write_metadata_manifest_lists_every_file_with_size_and_sha(tmp_path):
     on_disk = json.loads((folder / "metadata.json").read_text())
     assert on_disk == returned
     assert on_disk["step"] == 8 and on_disk["epoch"] == 0 and on_disk["note"] == "x"
-    assert on_disk["format_version"] == ckpt.FORMAT_VERSION
-    manifest = on_disk["files"]
-    assert set(manifest) == set(FILES)  # nested path uses '/', metadata.json and *.tmp excluded
+    assert on_disk["format_version"] == manifest.FORMAT_VERSION
+    listed = on_disk["files"]
+    assert set(listed) == set(FILES)  # nested path uses '/', metadata.json and *.tmp excluded
     for rel, data in FILES.items():
-        assert manifest[rel]["size"] == len(data)
-        assert manifest[rel]["sha256"] == hashlib.sha256(data).hexdigest()
-        assert manifest[rel]["md5"] == md5_b64(data)  # what GCS reports for an object
+        assert listed[rel]["size"] == len(data)
+        assert listed[rel]["sha256"] == hashlib.sha256(data).hexdigest()
+        assert listed[rel]["md5"] == md5_b64(data)  # what GCS reports for an object
     assert not os.path.exists(folder / "metadata.json.tmp")
 
 
@@ -102,7 +103,7 @@ def test_write_metadata_again_replaces_manifest(tmp_path):
     make_local(folder)
     with open(folder / "late.bin", "wb") as f:
         f.write(b"late file")
-    meta = ckpt.write_metadata(str(folder), {"step": 9})
+    meta = manifest.write_metadata(str(folder), {"step": 9})
     assert meta["step"] == 9
     assert meta["files"]["late.bin"]["size"] == 9
     assert meta["files"]["late.bin"]["sha256"] == hashlib.sha256(b"late file").hexdigest()
@@ -112,54 +113,41 @@ def test_write_metadata_again_replaces_manifest(tmp_path):
 def test_sha256_file_matches_hashlib(tmp_path):
     data = os.urandom(100_000)
     (tmp_path / "f").write_bytes(data)
-    assert ckpt.sha256_file(str(tmp_path / "f")) == hashlib.sha256(data).hexdigest()
+    assert manifest.sha256_file(str(tmp_path / "f")) == hashlib.sha256(data).hexdigest()
 
 
 # --- upload ----------------------------------------------------------------------------------
 
-class RecordingFS:
-    """Delegates to a real filesystem and records, in order, every path a file appears at
-    (written directly, or the target of a move)."""
-
-    def __init__(self, inner):
-        self.inner = inner
-        self.written = []
-
-    def open_output_stream(self, path, *args, **kwargs):
-        self.written.append(path)
-        return self.inner.open_output_stream(path, *args, **kwargs)
-
-    def move(self, src, dest):
-        self.written.append(dest)
-        return self.inner.move(src, dest)
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
+def files_in(folder):
+    """{path relative to folder: bytes} of every file under folder: what a reader finds there."""
+    return {os.path.relpath(os.path.join(d, n), folder).replace(os.sep, "/"): open(os.path.join(d, n), "rb").read()
+            for d, _, names in os.walk(folder) for n in names}
 
 
 def test_upload_copies_every_file_and_metadata_last(tmp_path, monkeypatch):
     local = tmp_path / "local"
     meta = make_local(local, FLAT)
     dest = resolve(str(tmp_path / "run")).child("checkpoint-epoch0-step8-files2")
-    recording = RecordingFS(dest.fs)
-    link = ckpt._link_create_only  # on local disk metadata.json appears through a hard link
+    dest_dir = tmp_path / "run" / "checkpoint-epoch0-step8-files2"
+    link = transfer.link_create_only  # on local disk metadata.json appears through a hard link
+    commits = []
 
-    def recorded_link(tmp, final):
+    def recorded_link(tmp, final):  # what a reader finds the moment before metadata.json appears
+        commits.append((final, {r: d for r, d in files_in(dest_dir).items() if not r.startswith("metadata.json")},
+                        os.path.exists(final)))
         link(tmp, final)
-        recording.written.append(final)
 
-    monkeypatch.setattr(ckpt, "_link_create_only", recorded_link)
-    ckpt.upload(str(local), Location(recording, dest.path, dest.uri))
-    rels = [p[len(dest.path) + 1:] for p in recording.written]
-    assert rels[-1] == "metadata.json"  # the commit marker appears last
-    assert rels.count("metadata.json") == 1
-    assert sorted(r for r in rels if not r.startswith("metadata.json")) == sorted(FLAT)
-    left = os.listdir(tmp_path / "run" / "checkpoint-epoch0-step8-files2")
+    monkeypatch.setattr(transfer, "link_create_only", recorded_link)
+    transfer.upload(str(local), dest)
+    assert len(commits) == 1  # the commit marker appears once, and last
+    final, present, already = commits[0]
+    assert final == dest.path + "/metadata.json" and not already
+    assert present == FLAT  # every data file was whole before it
+    left = os.listdir(dest_dir)
     assert not [n for n in left if n.endswith(".tmp")]  # no temp file stays behind
-    for rel, data in FLAT.items():
-        assert (tmp_path / "run" / "checkpoint-epoch0-step8-files2" / rel).read_bytes() == data
-    assert json.loads((tmp_path / "run" / "checkpoint-epoch0-step8-files2" / "metadata.json").read_text()) == meta
-    result = ckpt.check(dest, verify_hashes=True)
+    assert files_in(dest_dir) == {**FLAT, "metadata.json": (local / "metadata.json").read_bytes()}
+    assert json.loads((dest_dir / "metadata.json").read_text()) == meta
+    result = manifest.check(dest, verify_hashes=True)
     assert result.status is Status.COMPLETE, result.reason
     assert result.metadata == meta
 
@@ -168,12 +156,12 @@ def test_upload_refuses_to_overwrite_a_complete_checkpoint(tmp_path):
     local = tmp_path / "local"
     make_local(local, FLAT)
     dest = resolve(str(tmp_path / "run")).child("checkpoint-epoch0-step8-files2")
-    ckpt.upload(str(local), dest)
+    transfer.upload(str(local), dest)
     before = {rel: (tmp_path / "run" / "checkpoint-epoch0-step8-files2" / rel).read_bytes() for rel in FLAT}
     other = tmp_path / "other"
     make_local(other, {"model.safetensors": b"different"})
     with pytest.raises(CheckpointError, match="refusing to overwrite"):
-        ckpt.upload(str(other), dest)
+        transfer.upload(str(other), dest)
     after = {rel: (tmp_path / "run" / "checkpoint-epoch0-step8-files2" / rel).read_bytes() for rel in FLAT}
     assert after == before
 
@@ -186,10 +174,10 @@ def test_upload_completes_a_partial_destination(tmp_path):
     os.makedirs(dest_dir)
     (dest_dir / "model.safetensors").write_bytes(b"half")
     dest = resolve(str(tmp_path / "run")).child("checkpoint-epoch0-step8-files2")
-    assert ckpt.check(dest).status is Status.INCOMPLETE
-    ckpt.upload(str(local), dest)
+    assert manifest.check(dest).status is Status.INCOMPLETE
+    transfer.upload(str(local), dest)
     assert (dest_dir / "model.safetensors").read_bytes() == FILES["model.safetensors"]
-    assert ckpt.check(dest, verify_hashes=True).ok
+    assert manifest.check(dest, verify_hashes=True).ok
 
 
 def test_upload_to_a_non_local_filesystem(tmp_path):
@@ -198,10 +186,10 @@ def test_upload_to_a_non_local_filesystem(tmp_path):
     os.makedirs(tmp_path / "bucket")
     fs = pafs.SubTreeFileSystem(str(tmp_path / "bucket"), pafs.LocalFileSystem())
     dest = Location(fs, "runs/r/checkpoint-epoch0-step8-files2", "sub://runs/r/checkpoint-epoch0-step8-files2")
-    ckpt.upload(str(local), dest)
+    transfer.upload(str(local), dest)
     for rel, data in FLAT.items():
         assert (tmp_path / "bucket" / "runs/r/checkpoint-epoch0-step8-files2" / rel).read_bytes() == data
-    assert ckpt.check(dest, verify_hashes=True).ok
+    assert manifest.check(dest, verify_hashes=True).ok
 
 
 def test_upload_commit_on_gcs_is_create_only_and_last(tmp_path, monkeypatch):
@@ -209,36 +197,36 @@ def test_upload_commit_on_gcs_is_create_only_and_last(tmp_path, monkeypatch):
     local = tmp_path / "local"
     make_local(local, FLAT)
     dest = resolve(str(tmp_path / "run")).child("checkpoint-epoch0-step8-files2")
+    dest_dir = tmp_path / "run" / "checkpoint-epoch0-step8-files2"
     events = []
-    recording = RecordingFS(dest.fs)
-    monkeypatch.setattr(ckpt, "_is_gcs", lambda fs: True)
+    monkeypatch.setattr(Location, "is_gcs", property(lambda self: True))
 
     def create_only(path, data):
-        events.append((path, data, list(recording.written)))
+        events.append((path, data, files_in(dest_dir)))
 
-    monkeypatch.setattr(ckpt.gcs, "write_create_only", create_only)
-    ckpt.upload(str(local), Location(recording, dest.path, dest.uri))
+    monkeypatch.setattr(gcs, "write_create_only", create_only)
+    transfer.upload(str(local), dest)
     assert len(events) == 1
-    path, data, written_before = events[0]
+    path, data, present = events[0]
     assert path == dest.path + "/metadata.json"
     assert data == (local / "metadata.json").read_bytes()
-    assert sorted(p[len(dest.path) + 1:] for p in written_before) == sorted(FLAT)
-    assert not any("metadata.json" in p for p in recording.written)
+    assert present == FLAT  # every data file was whole before the commit
+    assert files_in(dest_dir) == FLAT  # metadata.json went only through the create-only write
 
     def lost_race(path, data):
         raise FileExistsError(path)
 
-    monkeypatch.setattr(ckpt.gcs, "write_create_only", lost_race)
+    monkeypatch.setattr(gcs, "write_create_only", lost_race)
     with pytest.raises(CheckpointError, match="refusing to overwrite"):
-        ckpt.upload(str(local), resolve(str(tmp_path / "run2")))
+        transfer.upload(str(local), resolve(str(tmp_path / "run2")))
 
 
 def test_upload_nested_files_to_local_storage(tmp_path):
     local = tmp_path / "local"
     make_local(local)  # includes shards/part-0.bin
     dest = resolve(str(tmp_path / "run")).child("checkpoint-epoch0-step8-files2")
-    ckpt.upload(str(local), dest)
-    assert ckpt.check(dest, verify_hashes=True).ok
+    transfer.upload(str(local), dest)
+    assert manifest.check(dest, verify_hashes=True).ok
 
 
 # --- check -----------------------------------------------------------------------------------
@@ -254,7 +242,7 @@ def complete(tmp_path):
 def test_check_complete(complete):
     folder, loc = complete
     for verify in (False, True):
-        result = ckpt.check(loc, verify_hashes=verify)
+        result = manifest.check(loc, verify_hashes=verify)
         assert result.status is Status.COMPLETE and result.ok, result.reason
         assert set(result.metadata["files"]) == set(FILES)
 
@@ -262,19 +250,19 @@ def test_check_complete(complete):
 def test_check_extra_unlisted_file_is_still_complete(complete):
     folder, loc = complete
     (folder / "unlisted.txt").write_bytes(b"hello")
-    assert ckpt.check(loc, verify_hashes=True).ok
+    assert manifest.check(loc, verify_hashes=True).ok
 
 
 def test_check_incomplete_without_metadata(complete):
     folder, loc = complete
     os.remove(folder / "metadata.json")
-    result = ckpt.check(loc)
+    result = manifest.check(loc)
     assert result.status is Status.INCOMPLETE and not result.ok
     assert "metadata.json" in result.reason
 
 
 def test_check_incomplete_for_missing_folder(tmp_path):
-    result = ckpt.check(resolve(str(tmp_path / "nope")))
+    result = manifest.check(resolve(str(tmp_path / "nope")))
     assert result.status is Status.INCOMPLETE
 
 
@@ -282,7 +270,7 @@ def test_check_incomplete_for_missing_folder(tmp_path):
 def test_check_incomplete_when_a_listed_file_is_missing(complete, rel):
     folder, loc = complete
     os.remove(folder / rel)
-    result = ckpt.check(loc, verify_hashes=True)
+    result = manifest.check(loc, verify_hashes=True)
     assert result.status is Status.INCOMPLETE
     assert rel in result.reason
 
@@ -293,7 +281,7 @@ def test_check_corrupt_when_size_differs(complete, delta):
     path = folder / "model.safetensors"
     data = path.read_bytes()
     path.write_bytes(data[:-1] if delta < 0 else data + b"!")
-    result = ckpt.check(loc)
+    result = manifest.check(loc)
     assert result.status is Status.CORRUPT and not result.ok
     assert "model.safetensors" in result.reason
     assert str(len(data)) in result.reason and str(len(data) + delta) in result.reason
@@ -302,8 +290,8 @@ def test_check_corrupt_when_size_differs(complete, delta):
 def test_check_same_size_byte_flip_needs_hashes(complete):
     folder, loc = complete
     flip_byte(folder / "optimizer.pt", 1234)
-    assert ckpt.check(loc, verify_hashes=False).status is Status.COMPLETE
-    result = ckpt.check(loc, verify_hashes=True)
+    assert manifest.check(loc, verify_hashes=False).status is Status.COMPLETE
+    result = manifest.check(loc, verify_hashes=True)
     assert result.status is Status.CORRUPT
     assert "optimizer.pt" in result.reason
 
@@ -312,16 +300,16 @@ def test_check_same_size_byte_flip_needs_hashes(complete):
 def test_check_unreadable_metadata_is_corrupt(complete, content):
     folder, loc = complete
     (folder / "metadata.json").write_bytes(content)
-    result = ckpt.check(loc)
+    result = manifest.check(loc)
     assert result.status is Status.CORRUPT
     assert "metadata.json" in result.reason
 
 
-@pytest.mark.parametrize("manifest", [[], {"model.safetensors": 5}, {"model.safetensors": {"sha256": "x"}}])
-def test_check_malformed_manifest_is_corrupt_not_an_exception(complete, manifest):
+@pytest.mark.parametrize("files", [[], {"model.safetensors": 5}, {"model.safetensors": {"sha256": "x"}}])
+def test_check_malformed_manifest_is_corrupt_not_an_exception(complete, files):
     folder, loc = complete
-    (folder / "metadata.json").write_text(json.dumps({"files": manifest}))
-    assert ckpt.check(loc).status is Status.CORRUPT
+    (folder / "metadata.json").write_text(json.dumps({"files": files}))
+    assert manifest.check(loc).status is Status.CORRUPT
 
 
 def fake_gcs_md5s(root):
@@ -342,18 +330,18 @@ def test_check_verifies_server_md5_on_gcs_without_reading(tmp_path, monkeypatch)
     run = tmp_path / "run"
     put_checkpoint(run, "checkpoint-epoch0-step8-files2")
     loc = resolve(str(run / "checkpoint-epoch0-step8-files2"))
-    monkeypatch.setattr(ckpt, "_is_gcs", lambda fs: True)
-    monkeypatch.setattr(ckpt.gcs, "md5s", lambda prefix: fake_gcs_md5s("/")(prefix))
+    monkeypatch.setattr(Location, "is_gcs", property(lambda self: True))
+    monkeypatch.setattr(gcs, "md5s", lambda prefix: fake_gcs_md5s("/")(prefix))
 
     def no_download(*a, **k):
         raise AssertionError("downloaded a file to hash it")
 
-    monkeypatch.setattr(ckpt, "_sha256_remote", no_download)
-    assert ckpt.check(loc, verify_hashes=True).ok
+    monkeypatch.setattr(manifest, "_sha256_remote", no_download)
+    assert manifest.check(loc, verify_hashes=True).ok
     flip_byte(run / "checkpoint-epoch0-step8-files2" / "optimizer.pt", 7)
-    result = ckpt.check(loc, verify_hashes=True)
+    result = manifest.check(loc, verify_hashes=True)
     assert result.status is Status.CORRUPT and "optimizer.pt" in result.reason and "md5" in result.reason
-    assert ckpt.check(loc, verify_hashes=False).ok
+    assert manifest.check(loc, verify_hashes=False).ok
 
 
 def test_check_on_gcs_falls_back_to_sha256_for_a_manifest_without_md5(tmp_path, monkeypatch):
@@ -365,11 +353,11 @@ def test_check_on_gcs_falls_back_to_sha256_for_a_manifest_without_md5(tmp_path, 
         del entry["md5"]  # a checkpoint written before MD5s were recorded
     (folder / "metadata.json").write_text(json.dumps(meta))
     loc = resolve(str(folder))
-    monkeypatch.setattr(ckpt, "_is_gcs", lambda fs: True)
-    monkeypatch.setattr(ckpt.gcs, "md5s", lambda prefix: {})
-    assert ckpt.check(loc, verify_hashes=True).ok
+    monkeypatch.setattr(Location, "is_gcs", property(lambda self: True))
+    monkeypatch.setattr(gcs, "md5s", lambda prefix: {})
+    assert manifest.check(loc, verify_hashes=True).ok
     flip_byte(folder / "model.safetensors", 5)
-    result = ckpt.check(loc, verify_hashes=True)
+    result = manifest.check(loc, verify_hashes=True)
     assert result.status is Status.CORRUPT and "model.safetensors" in result.reason and "sha256" in result.reason
 
 
@@ -378,15 +366,15 @@ def test_check_on_a_non_local_filesystem(tmp_path):
     put_checkpoint(run, "checkpoint-epoch0-step8-files2")
     fs = pafs.SubTreeFileSystem(str(tmp_path / "bucket"), pafs.LocalFileSystem())
     loc = Location(fs, "runs/r/checkpoint-epoch0-step8-files2", "sub://x")
-    assert ckpt.check(loc, verify_hashes=True).ok
+    assert manifest.check(loc, verify_hashes=True).ok
     flip_byte(run / "checkpoint-epoch0-step8-files2" / "rng_state_rank1.pt")
-    assert ckpt.check(loc).ok
-    assert ckpt.check(loc, verify_hashes=True).status is Status.CORRUPT
+    assert manifest.check(loc).ok
+    assert manifest.check(loc, verify_hashes=True).status is Status.CORRUPT
 
 
-# --- list_checkpoints / latest_complete --------------------------------------------------------
+# --- scan / latest_complete --------------------------------------------------------------------
 
-def test_list_checkpoints_ignores_others_and_sorts_numerically(tmp_path):
+def test_scan_ignores_others_and_sorts_numerically(tmp_path):
     run_dir = tmp_path / "run"
     names = ["checkpoint-epoch0-step100-files0", "checkpoint-epoch0-step9-files1",
              "checkpoint-epoch0-step10-files2", "checkpoint-epoch1-step24-files0",
@@ -398,7 +386,7 @@ def test_list_checkpoints_ignores_others_and_sorts_numerically(tmp_path):
     os.makedirs(run_dir / "notes" / "checkpoint-epoch0-step999-files0")  # not at top level
     (run_dir / "checkpoint_manager_snapshot.json").write_text("{}")
     os.makedirs(run_dir / "checkpoint-epoch0-step5-files0")  # empty folder: listed, incomplete
-    entries = ckpt.list_checkpoints(resolve(str(run_dir)))
+    entries = listing.scan(resolve(str(run_dir)))
     got = [str(e.name) for e in entries]
     assert got == ["checkpoint-epoch0-step5-files0", "checkpoint-epoch0-step8-files2",
                    "checkpoint-epoch0-step9-files1", "checkpoint-epoch0-step10-files2",
@@ -408,11 +396,11 @@ def test_list_checkpoints_ignores_others_and_sorts_numerically(tmp_path):
     assert [e.name.step for e in entries] == [5, 8, 9, 10, 24, 100]
 
 
-def test_list_checkpoints_missing_or_empty_run(tmp_path):
-    assert ckpt.list_checkpoints(resolve(str(tmp_path / "missing"))) == []
+def test_scan_missing_or_empty_run(tmp_path):
+    assert listing.scan(resolve(str(tmp_path / "missing"))) == []
     os.makedirs(tmp_path / "empty")
-    assert ckpt.list_checkpoints(resolve(str(tmp_path / "empty"))) == []
-    assert ckpt.latest_complete(resolve(str(tmp_path / "missing"))) is None
+    assert listing.scan(resolve(str(tmp_path / "empty"))) == []
+    assert listing.latest_complete(resolve(str(tmp_path / "missing"))) is None
 
 
 def test_latest_complete_skips_newer_incomplete_and_size_corrupt(tmp_path):
@@ -421,18 +409,18 @@ def test_latest_complete_skips_newer_incomplete_and_size_corrupt(tmp_path):
               "checkpoint-epoch0-step10-files3", "checkpoint-epoch0-step100-files4"]:
         put_checkpoint(run_dir, n)
     run = resolve(str(run_dir))
-    assert str(ckpt.latest_complete(run).name) == "checkpoint-epoch0-step100-files4"
+    assert str(listing.latest_complete(run).name) == "checkpoint-epoch0-step100-files4"
     os.remove(run_dir / "checkpoint-epoch0-step100-files4" / "metadata.json")  # newest: incomplete
-    assert str(ckpt.latest_complete(run).name) == "checkpoint-epoch0-step10-files3"
+    assert str(listing.latest_complete(run).name) == "checkpoint-epoch0-step10-files3"
     with open(run_dir / "checkpoint-epoch0-step10-files3" / "optimizer.pt", "ab") as f:
         f.write(b"x")  # next: size-corrupt
-    latest = ckpt.latest_complete(run)
+    latest = listing.latest_complete(run)
     assert str(latest.name) == "checkpoint-epoch0-step9-files2"
     assert latest.loc.path == str(run_dir / "checkpoint-epoch0-step9-files2")
     os.remove(run_dir / "checkpoint-epoch0-step9-files2" / "shards" / "part-0.bin")  # listed file gone
-    assert str(ckpt.latest_complete(run).name) == "checkpoint-epoch0-step8-files2"
+    assert str(listing.latest_complete(run).name) == "checkpoint-epoch0-step8-files2"
     os.remove(run_dir / "checkpoint-epoch0-step8-files2" / "metadata.json")
-    assert ckpt.latest_complete(run) is None
+    assert listing.latest_complete(run) is None
 
 
 def test_latest_complete_skips_a_newer_hash_corrupt_checkpoint(tmp_path):
@@ -440,9 +428,9 @@ def test_latest_complete_skips_a_newer_hash_corrupt_checkpoint(tmp_path):
     for n in ["checkpoint-epoch0-step8-files2", "checkpoint-epoch0-step16-files4"]:
         put_checkpoint(run_dir, n)
     run = resolve(str(run_dir))
-    assert str(ckpt.latest_complete(run).name) == "checkpoint-epoch0-step16-files4"
+    assert str(listing.latest_complete(run).name) == "checkpoint-epoch0-step16-files4"
     flip_byte(run_dir / "checkpoint-epoch0-step16-files4" / "model.safetensors", 100)  # same size
-    assert str(ckpt.latest_complete(run).name) == "checkpoint-epoch0-step8-files2"
+    assert str(listing.latest_complete(run).name) == "checkpoint-epoch0-step8-files2"
 
 
 # --- fetch -----------------------------------------------------------------------------------
@@ -450,7 +438,7 @@ def test_latest_complete_skips_a_newer_hash_corrupt_checkpoint(tmp_path):
 def test_fetch_local_verifies_in_place(complete, tmp_path):
     folder, loc = complete
     scratch = tmp_path / "scratch"
-    assert ckpt.fetch(loc, str(scratch)) == str(folder)
+    assert transfer.fetch(loc, str(scratch)) == str(folder)
     assert not scratch.exists()
 
 
@@ -459,7 +447,7 @@ def test_fetch_raises_naming_the_file_on_sha_mismatch(complete, tmp_path, rel):
     folder, loc = complete
     flip_byte(folder / rel)
     with pytest.raises(CheckpointError) as err:
-        ckpt.fetch(loc, str(tmp_path / "scratch"))
+        transfer.fetch(loc, str(tmp_path / "scratch"))
     assert rel in str(err.value)
     assert "sha256" in str(err.value)
 
@@ -468,7 +456,7 @@ def test_fetch_refuses_incomplete(complete, tmp_path):
     folder, loc = complete
     os.remove(folder / "scheduler_state.pt")
     with pytest.raises(CheckpointError) as err:
-        ckpt.fetch(loc, str(tmp_path / "scratch"))
+        transfer.fetch(loc, str(tmp_path / "scratch"))
     assert "incomplete" in str(err.value) and "scheduler_state.pt" in str(err.value)
 
 
@@ -478,14 +466,14 @@ def test_fetch_remote_downloads_and_verifies(tmp_path):
     fs = pafs.SubTreeFileSystem(str(tmp_path / "bucket"), pafs.LocalFileSystem())
     loc = Location(fs, "runs/r/checkpoint-epoch0-step8-files2", "sub://runs/r/checkpoint-epoch0-step8-files2")
     scratch = tmp_path / "scratch"
-    assert ckpt.fetch(loc, str(scratch)) == str(scratch)
+    assert transfer.fetch(loc, str(scratch)) == str(scratch)
     for rel, data in FILES.items():
         assert (scratch / rel).read_bytes() == data
     assert json.loads((scratch / "metadata.json").read_text()) == meta
 
     flip_byte(run / "checkpoint-epoch0-step8-files2" / "optimizer.pt", 10)
     with pytest.raises(CheckpointError, match="optimizer.pt"):
-        ckpt.fetch(loc, str(tmp_path / "scratch2"))
+        transfer.fetch(loc, str(tmp_path / "scratch2"))
 
 
 def test_fetch_remote_downloads_only_wanted_files(tmp_path):
@@ -496,19 +484,19 @@ def test_fetch_remote_downloads_only_wanted_files(tmp_path):
     flip_byte(run / "checkpoint-epoch0-step8-files2" / "rng_state_rank1.pt")  # another rank's file
     scratch = tmp_path / "scratch"
     wanted = lambda rel: rel != "rng_state_rank1.pt"  # noqa: E731
-    assert ckpt.fetch(loc, str(scratch), wanted=wanted) == str(scratch)
+    assert transfer.fetch(loc, str(scratch), wanted=wanted) == str(scratch)
     got = sorted(str(p.relative_to(scratch)) for p in scratch.rglob("*") if p.is_file())
     assert got == sorted([r for r in FILES if wanted(r)] + ["metadata.json"])
     with pytest.raises(CheckpointError, match="rng_state_rank1.pt"):
-        ckpt.fetch(loc, str(tmp_path / "scratch2"))
+        transfer.fetch(loc, str(tmp_path / "scratch2"))
 
 
 def test_fetch_local_verifies_only_wanted_files(complete, tmp_path):
     folder, loc = complete
     flip_byte(folder / "rng_state_rank0.pt")
-    assert ckpt.fetch(loc, str(tmp_path / "s"), wanted=lambda rel: rel != "rng_state_rank0.pt") == str(folder)
+    assert transfer.fetch(loc, str(tmp_path / "s"), wanted=lambda rel: rel != "rng_state_rank0.pt") == str(folder)
     with pytest.raises(CheckpointError, match="rng_state_rank0.pt"):
-        ckpt.fetch(loc, str(tmp_path / "s"), wanted=lambda rel: rel == "rng_state_rank0.pt")
+        transfer.fetch(loc, str(tmp_path / "s"), wanted=lambda rel: rel == "rng_state_rank0.pt")
 
 
 # --- untrusted metadata.json (issue 10): schema, ranges, required files, folder name ------------
@@ -572,19 +560,19 @@ def test_check_refuses_bad_metadata_naming_the_field(complete, changes, needle):
     folder, loc = complete
     rewrite_meta(folder, **changes)
     for verify in (False, True):
-        result = ckpt.check(loc, verify_hashes=verify)
+        result = manifest.check(loc, verify_hashes=verify)
         assert result.status is Status.CORRUPT, (changes, result)
         assert "metadata.json" in result.reason and needle in result.reason, result.reason
         assert result.metadata == {}  # an untrusted metadata.json is never handed on
 
 
-@pytest.mark.parametrize("rel", ckpt.loaded_files(2))
+@pytest.mark.parametrize("rel", manifest.loaded_files(2))
 def test_check_requires_every_file_the_loader_reads_in_the_manifest(complete, rel):
     folder, loc = complete
     meta = json.loads((folder / "metadata.json").read_text())
     del meta["files"][rel]  # the file is still there, but nothing would verify it
     (folder / "metadata.json").write_text(json.dumps(meta))
-    result = ckpt.check(loc, verify_hashes=True)
+    result = manifest.check(loc, verify_hashes=True)
     assert result.status is Status.CORRUPT and rel in result.reason
 
 
@@ -593,21 +581,21 @@ def test_an_emptied_manifest_does_not_turn_off_hash_checks(complete, tmp_path):
     flip_byte(folder / "model.safetensors", 10)
     rewrite_meta(folder, files={})
     for verify in (False, True):
-        assert ckpt.check(loc, verify_hashes=verify).status is Status.CORRUPT
+        assert manifest.check(loc, verify_hashes=verify).status is Status.CORRUPT
     with pytest.raises(CheckpointError, match="corrupt"):
-        ckpt.fetch(loc, str(tmp_path / "scratch"))
+        transfer.fetch(loc, str(tmp_path / "scratch"))
 
 
 def test_check_requires_the_folder_name_to_agree(tmp_path):
     meta = realistic_meta("checkpoint-epoch0-step8-files2")
     make_local(tmp_path / "mycopy", FILES, meta)
-    result = ckpt.check(resolve(str(tmp_path / "mycopy")))
+    result = manifest.check(resolve(str(tmp_path / "mycopy")))
     assert result.status is Status.CORRUPT and "'mycopy' is not a checkpoint name" in result.reason
     make_local(tmp_path / "checkpoint-epoch0-step16-files4", FILES, meta)  # renamed folder
-    result = ckpt.check(resolve(str(tmp_path / "checkpoint-epoch0-step16-files4")))
+    result = manifest.check(resolve(str(tmp_path / "checkpoint-epoch0-step16-files4")))
     assert result.status is Status.CORRUPT and "step 8" in result.reason
     make_local(tmp_path / "checkpoint-epoch0-step8-files2", FILES, meta)
-    assert ckpt.check(resolve(str(tmp_path / "checkpoint-epoch0-step8-files2")), verify_hashes=True).ok
+    assert manifest.check(resolve(str(tmp_path / "checkpoint-epoch0-step8-files2")), verify_hashes=True).ok
 
 
 def test_a_step_edited_older_checkpoint_is_not_chosen_by_latest(tmp_path):
@@ -616,18 +604,18 @@ def test_a_step_edited_older_checkpoint_is_not_chosen_by_latest(tmp_path):
         put_checkpoint(run_dir, n)
     rewrite_meta(run_dir / "checkpoint-epoch0-step8-files2", step=10**6)
     run = resolve(str(run_dir))
-    assert str(ckpt.latest_complete(run).name) == "checkpoint-epoch0-step16-files4"
+    assert str(listing.latest_complete(run).name) == "checkpoint-epoch0-step16-files4"
     rewrite_meta(run_dir / "checkpoint-epoch0-step16-files4", samples_in_epoch=-32)
-    assert ckpt.latest_complete(run) is None
+    assert listing.latest_complete(run) is None
 
 
 def test_metadata_json_that_is_a_folder_or_deeply_nested_is_corrupt(complete):
     folder, loc = complete
     (folder / "metadata.json").write_text("[" * 100_000 + "]" * 100_000)
-    assert ckpt.check(loc).status is Status.CORRUPT
+    assert manifest.check(loc).status is Status.CORRUPT
     os.remove(folder / "metadata.json")
     os.makedirs(folder / "metadata.json")
-    assert ckpt.check(loc).status is Status.CORRUPT
+    assert manifest.check(loc).status is Status.CORRUPT
 
 
 # --- manifest names that escape the checkpoint (issue 10) -------------------------------------
@@ -642,7 +630,7 @@ def test_check_refuses_manifest_names_that_are_not_plain_relative(complete, rel)
     meta = json.loads((folder / "metadata.json").read_text())
     meta["files"][rel] = {"size": 1, "sha256": "0" * 64}
     (folder / "metadata.json").write_text(json.dumps(meta))
-    result = ckpt.check(loc)
+    result = manifest.check(loc)
     assert result.status is Status.CORRUPT, result
     assert repr(rel) in result.reason
 
@@ -677,7 +665,7 @@ def _hostile_checkpoint(rel, payload=b"pwned"):
     """A remote checkpoint, complete but for one manifest entry (and object) named rel."""
     prefix = "bucket/run/checkpoint-epoch0-step8-files2"
     meta = realistic_meta()
-    meta["format_version"] = ckpt.FORMAT_VERSION
+    meta["format_version"] = manifest.FORMAT_VERSION
     objects, files = {}, {}
     for name, data in {**FLAT, rel: payload}.items():
         objects[f"{prefix}/{name}"] = data
@@ -698,9 +686,9 @@ def test_fetch_of_a_listing_with_dotdot_names_is_corrupt_and_writes_nothing_outs
         rel = str(tmp_path / "evil.txt")
     fs, loc, _ = _hostile_checkpoint(rel)
     scratch = tmp_path / "a" / "b" / "scratch"
-    assert ckpt.check(loc).status is Status.CORRUPT
+    assert manifest.check(loc).status is Status.CORRUPT
     with pytest.raises(CheckpointError, match="corrupt"):
-        ckpt.fetch(loc, str(scratch))
+        transfer.fetch(loc, str(scratch))
     assert [p for p in _files_under(tmp_path) if "evil" in p] == []
 
 
@@ -708,32 +696,32 @@ def test_fetch_of_a_listing_with_dotdot_names_is_corrupt_and_writes_nothing_outs
 def test_fetch_never_writes_outside_scratch_even_if_check_is_fooled(tmp_path, monkeypatch, rel):
     """Defence in depth: should check() ever pass such a manifest, the download still refuses."""
     fs, loc, meta = _hostile_checkpoint(rel)
-    monkeypatch.setattr(ckpt, "check", lambda loc, verify_hashes=False: ckpt.CheckResult(
+    monkeypatch.setattr(transfer, "check", lambda loc, verify_hashes=False: manifest.CheckResult(
         Status.COMPLETE, "", meta))
     scratch = tmp_path / "a" / "b" / "scratch"
     with pytest.raises(CheckpointError, match="not inside the checkpoint"):
-        ckpt.fetch(loc, str(scratch))
+        transfer.fetch(loc, str(scratch))
     outside = [p for p in _files_under(tmp_path) if not p.startswith(os.path.join("a", "b", "scratch"))]
     assert outside == []
 
 
 def test_fetch_does_not_follow_a_link_out_of_scratch(tmp_path, monkeypatch):
     fs, loc, meta = _hostile_checkpoint("link/evil.txt")
-    monkeypatch.setattr(ckpt, "check", lambda loc, verify_hashes=False: ckpt.CheckResult(
+    monkeypatch.setattr(transfer, "check", lambda loc, verify_hashes=False: manifest.CheckResult(
         Status.COMPLETE, "", meta))
     scratch, elsewhere = tmp_path / "scratch", tmp_path / "elsewhere"
     os.makedirs(scratch)
     os.makedirs(elsewhere)
     os.symlink(elsewhere, scratch / "link")
     with pytest.raises(CheckpointError, match="not inside"):
-        ckpt.fetch(loc, str(scratch))
+        transfer.fetch(loc, str(scratch))
     assert os.listdir(elsewhere) == []
 
 
 def test_fetch_of_a_sane_listing_fs_works(tmp_path):
     fs, loc, _ = _hostile_checkpoint("shards/part-0.bin", b"fine")
     scratch = tmp_path / "scratch"
-    assert ckpt.fetch(loc, str(scratch)) == str(scratch)
+    assert transfer.fetch(loc, str(scratch)) == str(scratch)
     assert (scratch / "shards" / "part-0.bin").read_bytes() == b"fine"
 
 
@@ -754,7 +742,7 @@ def test_upload_leaves_another_writers_temp_file_alone(tmp_path):
     dest_dir = tmp_path / "run" / "checkpoint-epoch0-step8-files2"
     os.makedirs(dest_dir)
     (dest_dir / "metadata.json.tmp").write_bytes(b"another writer")
-    ckpt.upload(str(local), resolve(str(dest_dir)))
+    transfer.upload(str(local), resolve(str(dest_dir)))
     assert (dest_dir / "metadata.json.tmp").read_bytes() == b"another writer"
     assert (dest_dir / "metadata.json").read_bytes() == (local / "metadata.json").read_bytes()
 
@@ -773,18 +761,18 @@ def test_a_second_writer_that_passed_the_first_check_fails_at_the_commit(tmp_pat
         os.makedirs(tmp_path / "bucket")
         fs = pafs.SubTreeFileSystem(str(tmp_path / "bucket"), pafs.LocalFileSystem())
         dest = Location(fs, "run/checkpoint-epoch0-step8-files2", "sub://run/x")
-    ckpt.upload(str(first), dest)
+    transfer.upload(str(first), dest)
     winner = (dest_dir / "metadata.json").read_bytes()
-    real_exists = ckpt._exists
+    real_exists = transfer.exists
     calls = []
 
     def stale_exists(fs, path):  # the second writer's first look happened before the commit
         calls.append(path)
         return False if len(calls) == 1 else real_exists(fs, path)
 
-    monkeypatch.setattr(ckpt, "_exists", stale_exists)
+    monkeypatch.setattr(transfer, "exists", stale_exists)
     with pytest.raises(CheckpointError, match="refusing to overwrite"):
-        ckpt.upload(str(second), dest)
+        transfer.upload(str(second), dest)
     assert (dest_dir / "metadata.json").read_bytes() == winner
     assert [n for n in os.listdir(dest_dir) if n.endswith(".tmp")] == []
 
@@ -793,8 +781,8 @@ def test_link_create_only_never_replaces(tmp_path):
     (tmp_path / "a.tmp").write_bytes(b"new")
     (tmp_path / "final").write_bytes(b"old")
     with pytest.raises(FileExistsError):
-        ckpt._link_create_only(str(tmp_path / "a.tmp"), str(tmp_path / "final"))
+        transfer.link_create_only(str(tmp_path / "a.tmp"), str(tmp_path / "final"))
     assert (tmp_path / "final").read_bytes() == b"old"
-    ckpt._link_create_only(str(tmp_path / "a.tmp"), str(tmp_path / "fresh"))
+    transfer.link_create_only(str(tmp_path / "a.tmp"), str(tmp_path / "fresh"))
     assert (tmp_path / "fresh").read_bytes() == b"new"
 

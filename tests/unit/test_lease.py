@@ -10,7 +10,7 @@ import threading
 
 import pytest
 
-from storage import checkpoint as ckpt
+from storage import listing
 from storage.lease import LEASE, Holder, Lease, LeaseError, LeaseHeld, _Conflict, _LocalStore
 from storage.location import resolve
 
@@ -242,7 +242,7 @@ def test_listing_and_checks_ignore_the_lease_files(run):
     a.acquire()
     a.refresh()  # makes the lock file too
     assert sorted(os.listdir(run.path)) == [".lease.json", ".lease.lock"]
-    assert ckpt.list_checkpoints(run) == [] and ckpt.latest_complete(run) is None
+    assert listing.scan(run) == [] and listing.latest_complete(run) is None
 
 
 def test_stale_s_is_a_checked_config_field():

@@ -46,7 +46,7 @@ def test_a_non_numeric_validation_loss_is_kept_and_never_ranked():
 def test_apply_logs_a_non_numeric_metric_and_keeps_the_checkpoint(tmp_path):
     import os
 
-    from storage import checkpoint as ckpt
+    from storage import manifest
     from storage.location import resolve
     from storage.retention import apply
 
@@ -59,12 +59,12 @@ def test_apply_logs_a_non_numeric_metric_and_keeps_the_checkpoint(tmp_path):
         meta = {"step": step, "epoch": 0, "samples_in_epoch": 0, "files_processed": 0,
                 "world_size": 1, "global_batch_size": 1, "val_loss": val,
                 "config": {"model": {}}, "data_index": {"files": ["a"], "rows": [100]}}
-        meta = ckpt.write_metadata(str(folder), meta)
-        for rel in ckpt.loaded_files(1):
+        meta = manifest.write_metadata(str(folder), meta)
+        for rel in manifest.loaded_files(1):
             if rel not in meta["files"]:
                 (folder / rel).write_bytes(b"x")
-        ckpt.write_metadata(str(folder), meta)
-        assert ckpt.check(run.child(name)).ok, ckpt.check(run.child(name)).reason
+        manifest.write_metadata(str(folder), meta)
+        assert manifest.check(run.child(name)).ok, manifest.check(run.child(name)).reason
     said = []
     deleted = apply(run, Policy(keep_last=1), log=said.append)
     assert deleted == ["checkpoint-epoch0-step16-files0"]

@@ -1,10 +1,11 @@
-"""Writing, checking, listing and fetching checkpoints.
+"""What a checkpoint holds and the one check of whether it is whole.
 
 A checkpoint is a folder ``{run}/checkpoint-epoch{E}-step{S}-files{F}/``. It counts only when
 it is *complete*: ``metadata.json`` exists, is written last, and lists every other file of
 the checkpoint with its size and sha256, and every listed file is there with that size
 (and, when hashes are checked, that sha256). ``check`` is the one definition of complete:
-``latest``, ``list``, resume and retention all call it.
+``latest``, ``list``, resume and retention all call it (through storage/listing.py's ``scan``
+when they look at a whole run).
 
 Nothing in a checkpoint is trusted before ``check`` has read it: the manifest's names must be
 plain relative paths inside the folder, metadata.json must have the schema below with sane
@@ -15,25 +16,22 @@ corrupt, with the reason, and never reaches a worker.
 from __future__ import annotations
 
 import base64
+import contextlib
 import enum
-import errno
 import hashlib
 import json
 import os
 import posixpath
 import re
-import shutil
 import tempfile
-import time
 import unicodedata
-import uuid
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import BinaryIO
 
 import pyarrow.fs as pafs
 
 from storage import gcs
-from storage.location import Location, join
+from storage.location import Location, exists, join
 from storage.names import CheckpointName
 
 METADATA = "metadata.json"
@@ -42,7 +40,7 @@ MODEL = "model.safetensors"
 OPTIMIZER = "optimizer.pt"
 SCHEDULER = "scheduler_state.pt"
 FORMAT_VERSION = 1
-_CHUNK = 8 << 20
+CHUNK = 8 << 20  # bytes per read when hashing or copying
 
 
 def rng_file(rank: int) -> str:
@@ -76,27 +74,40 @@ class CheckResult:
         return self.status is Status.COMPLETE
 
 
-def sha256_file(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
+# --- hashing ----------------------------------------------------------------------------------
+
+def _feed(stream: BinaryIO, *digests) -> None:
+    """Every chunk of stream into each digest: one read, however many hashes."""
+    while chunk := stream.read(CHUNK):
+        for digest in digests:
             digest.update(chunk)
+
+
+def _sha256(stream: BinaryIO) -> str:
+    digest = hashlib.sha256()
+    _feed(stream, digest)
     return digest.hexdigest()
+
+
+def sha256_file(path: str) -> str:
+    with open(path, "rb") as f:
+        return _sha256(f)
+
+
+def _sha256_remote(fs: pafs.FileSystem, path: str) -> str:
+    with fs.open_input_stream(path) as f:
+        return _sha256(f)
 
 
 def _digests(path: str) -> dict:
     """sha256 (what we verify on load) and base64 MD5 (what GCS reports for every object)."""
     sha, md5 = hashlib.sha256(), hashlib.md5()
     with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            sha.update(chunk)
-            md5.update(chunk)
+        _feed(f, sha, md5)
     return {"sha256": sha.hexdigest(), "md5": base64.b64encode(md5.digest()).decode()}
 
 
-def _is_gcs(fs: pafs.FileSystem) -> bool:
-    return fs.type_name == "gcs"
-
+# --- writing the manifest -----------------------------------------------------------------------
 
 def write_metadata(local_dir: str, metadata: dict) -> dict:
     """Add the manifest of every file in local_dir to metadata and write metadata.json last."""
@@ -117,38 +128,13 @@ def write_metadata(local_dir: str, metadata: dict) -> dict:
             json.dump(metadata, f, indent=2, sort_keys=True)
         os.replace(tmp, os.path.join(local_dir, METADATA))  # atomic on a local disk
     except BaseException:
-        _remove_quietly(tmp)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
         raise
     return metadata
 
 
-def _remove_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
-def _read_json(fs: pafs.FileSystem, path: str) -> dict:
-    with fs.open_input_stream(path) as f:
-        return json.loads(f.read())
-
-
-def _exists(fs: pafs.FileSystem, path: str) -> bool:
-    return fs.get_file_info(path).type != pafs.FileType.NotFound
-
-
-def read_metadata(loc: Location) -> dict:
-    return _read_json(loc.fs, join(loc.path, METADATA))
-
-
-def _sha256_remote(fs: pafs.FileSystem, path: str) -> str:
-    digest = hashlib.sha256()
-    with fs.open_input_stream(path) as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
+# --- validating metadata.json -------------------------------------------------------------------
 
 _MAX_INT = 2**63 - 1  # what torch and numpy can hold; JSON integers are unbounded
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -264,15 +250,18 @@ def _short(value) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+# --- the check --------------------------------------------------------------------------------
+
 def check(loc: Location, verify_hashes: bool = False) -> CheckResult:
     """Decide whether the checkpoint at loc is complete. Never raises for a bad checkpoint."""
     meta_path = join(loc.path, METADATA)
-    if not _exists(loc.fs, meta_path):
+    if not exists(loc.fs, meta_path):
         return CheckResult(Status.INCOMPLETE, f"{METADATA} is missing (the save never finished)")
     if loc.fs.get_file_info(meta_path).type != pafs.FileType.File:
         return CheckResult(Status.CORRUPT, f"{METADATA} is not a file")
     try:
-        metadata = _read_json(loc.fs, meta_path)
+        with loc.fs.open_input_stream(meta_path) as f:
+            metadata = json.loads(f.read())
     except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
         return CheckResult(Status.CORRUPT, f"{METADATA} is unreadable: {type(e).__name__}: {e}")
     if not isinstance(metadata, dict):
@@ -290,7 +279,7 @@ def check(loc: Location, verify_hashes: bool = False) -> CheckResult:
     for info in loc.fs.get_file_info(selector):
         if info.type == pafs.FileType.File:
             infos[info.path[len(loc.path.rstrip("/")) + 1:]] = info
-    remote_md5 = gcs.md5s(loc.path) if verify_hashes and _is_gcs(loc.fs) else None
+    remote_md5 = gcs.md5s(loc.path) if verify_hashes and loc.is_gcs else None
     for rel, expected in sorted(manifest.items()):
         info = infos.get(rel)
         if info is None:
@@ -315,167 +304,3 @@ def check(loc: Location, verify_hashes: bool = False) -> CheckResult:
                     metadata,
                 )
     return CheckResult(Status.COMPLETE, "", metadata)
-
-
-@dataclass
-class Entry:
-    name: CheckpointName
-    loc: Location
-
-
-def list_checkpoints(run: Location) -> list[Entry]:
-    """Every folder in run named like a checkpoint, in training order (parsed numbers).
-
-    Lists recursively: GCS has no directories and pyarrow shows implied ones only when a
-    marker object exists, so the first path component of each object is what counts.
-    """
-    if not _exists(run.fs, run.path):
-        return []
-    found: dict[str, CheckpointName] = {}
-    prefix_len = len(run.path.rstrip("/")) + 1
-    for info in run.fs.get_file_info(pafs.FileSelector(run.path, recursive=True)):
-        first = info.path[prefix_len:].split("/", 1)[0]
-        if first not in found:
-            parsed = CheckpointName.try_parse(first)
-            if parsed is not None:
-                found[first] = parsed
-    return [Entry(n, run.child(str(n))) for n in sorted(found.values(), key=lambda n: n.sort_key)]
-
-
-def latest_complete(run: Location) -> Entry | None:
-    """The highest-step checkpoint that is whole, hashes included (MD5 from the server on GCS,
-    sha256 locally): a corrupt newest checkpoint is skipped, never chosen."""
-    for entry in reversed(list_checkpoints(run)):
-        if check(entry.loc, verify_hashes=True).ok:
-            return entry
-    return None
-
-
-def upload(local_dir: str, dest: Location) -> None:
-    """Copy a finished local checkpoint to dest: every data file first, metadata.json last.
-
-    Refuses to replace a checkpoint that already has a metadata.json: a checkpoint is never
-    overwritten. metadata.json is created only where none is (a hard link on local disk,
-    ``if_generation_match=0`` on GCS), so of two writers that both got past the first look,
-    the second fails loudly at its commit instead of replacing the first's.
-    """
-    if _exists(dest.fs, join(dest.path, METADATA)):
-        raise CheckpointError(f"refusing to overwrite the existing checkpoint {dest.uri}")
-    dest.fs.create_dir(dest.path, recursive=True)
-    rels = []
-    for root, _, names in os.walk(local_dir):
-        for name in names:
-            rels.append(os.path.relpath(os.path.join(root, name), local_dir).replace(os.sep, "/"))
-    for rel in sorted(r for r in rels if r != METADATA):
-        if "/" in rel:
-            dest.fs.create_dir(join(dest.path, rel.rsplit("/", 1)[0]), recursive=True)
-        with open(os.path.join(local_dir, rel), "rb") as src, dest.fs.open_output_stream(
-            join(dest.path, rel)
-        ) as out:
-            while chunk := src.read(_CHUNK):
-                out.write(chunk)
-    # The commit marker, last, create-only.
-    with open(os.path.join(local_dir, METADATA), "rb") as f:
-        commit = f.read()
-    final = join(dest.path, METADATA)
-    try:
-        if _is_gcs(dest.fs):
-            gcs.write_create_only(final, commit)
-            return
-        # Never a fixed temp name: two writers of one checkpoint must not share (or move) it.
-        tmp = join(dest.path, f"{METADATA}.{uuid.uuid4().hex}.tmp")
-        with dest.fs.open_output_stream(tmp) as out:
-            out.write(commit)
-        try:
-            if dest.fs.type_name == "local":
-                _link_create_only(tmp, final)
-            else:  # no create-only primitive in pyarrow's generic API: check, then rename
-                if _exists(dest.fs, final):
-                    raise FileExistsError(final)
-                dest.fs.move(tmp, final)
-        finally:
-            if _exists(dest.fs, tmp):
-                dest.fs.delete_file(tmp)
-    except FileExistsError:
-        raise CheckpointError(f"refusing to overwrite the existing checkpoint {dest.uri}") from None
-
-
-def _link_create_only(tmp: str, final: str) -> None:
-    """Make the whole file tmp appear at final, only if nothing is there (FileExistsError).
-
-    A hard link is atomic and never replaces (a rename would): of two writers, one loses loudly
-    and the winner's metadata.json stays. Where links are not supported, an O_EXCL create.
-    """
-    try:
-        os.link(tmp, final)
-    except FileExistsError:
-        raise
-    except OSError as e:
-        if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
-            raise
-        with open(tmp, "rb") as f:
-            data = f.read()
-        fd = os.open(final, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-
-
-def delete(loc: Location) -> None:
-    """Remove a checkpoint: metadata.json first (it stops counting at once), then the rest
-    object by object (GCS has no directories to remove; see DESIGN.md)."""
-    meta = join(loc.path, METADATA)
-    if _exists(loc.fs, meta):
-        loc.fs.delete_file(meta)
-    for info in loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=True, allow_not_found=True)):
-        if info.type == pafs.FileType.File:
-            loc.fs.delete_file(info.path)
-    if isinstance(loc.fs, pafs.LocalFileSystem) and _exists(loc.fs, loc.path):
-        loc.fs.delete_dir(loc.path)
-
-
-def fetch(loc: Location, scratch_dir: str, wanted: Callable[[str], bool] = lambda rel: True,
-          verify: bool = True) -> str:
-    """Make the checkpoint readable on local disk, verifying each wanted file's size and sha256
-    (verify=False: a local checkpoint whose hashes the caller has already checked).
-
-    A local checkpoint is read in place; of a remote one only the wanted files are
-    downloaded, to scratch_dir. Returns the local folder. Raises CheckpointError naming the file.
-    """
-    result = check(loc)
-    if not result.ok:
-        raise CheckpointError(f"checkpoint {loc.uri} is {result.status.value}: {result.reason}")
-    manifest = {rel: v for rel, v in result.metadata["files"].items() if wanted(rel)}
-    if isinstance(loc.fs, pafs.LocalFileSystem):
-        local = loc.path
-    else:
-        local = scratch_dir
-        os.makedirs(local, exist_ok=True)
-        for rel in sorted(manifest) + [METADATA]:
-            target = _inside(local, rel, loc)
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            with loc.fs.open_input_stream(join(loc.path, rel)) as src, open(target, "wb") as out:
-                shutil.copyfileobj(src, out, _CHUNK)
-    for rel, expected in sorted(manifest.items()) if verify else []:
-        actual = sha256_file(os.path.join(local, rel))
-        if actual != expected["sha256"]:
-            raise CheckpointError(
-                f"checkpoint {loc.uri} is corrupt: {rel} has sha256 {actual[:12]}..., "
-                f"metadata.json says {expected['sha256'][:12]}...; resume from another checkpoint"
-            )
-    return local
-
-
-def _inside(folder: str, rel: str, loc: Location) -> str:
-    """folder/rel, refused unless it stays inside folder (links resolved): whatever a listing or
-    a manifest says, a download never writes anywhere else."""
-    root = os.path.realpath(folder)
-    target = os.path.realpath(os.path.join(root, rel))
-    if rel_name_problem(rel) not in (None, "metadata.json listing itself") or (
-            os.path.commonpath([root, target]) != root or target == root):
-        raise CheckpointError(f"checkpoint {loc.uri} is corrupt: its file list names {rel!r}, "
-                              f"which is not inside the checkpoint; resume from another checkpoint")
-    return target
-
-
-def now_iso(clock: Callable[[], float] = time.time) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(clock()))

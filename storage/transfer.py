@@ -1,0 +1,147 @@
+"""Moving checkpoints: upload (metadata.json last, create-only), fetch (verified), delete.
+
+Atomicity is the commit marker: a checkpoint counts once its metadata.json exists
+(storage/manifest.py), so an upload writes every data file first and metadata.json last,
+and a delete removes metadata.json first. A crash at any point leaves a folder that reads as
+incomplete, never one that passes for whole. metadata.json is created only where none is (a
+hard link on local disk, ``if_generation_match=0`` on GCS, where a rename is not atomic), so a
+checkpoint is never overwritten, not even by a second writer racing the first.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import uuid
+from collections.abc import Callable
+
+import pyarrow.fs as pafs
+
+from storage import gcs
+from storage.location import Location, exists, join
+from storage.manifest import CHUNK, METADATA, CheckpointError, check, rel_name_problem, sha256_file
+
+
+def upload(local_dir: str, dest: Location) -> None:
+    """Copy a finished local checkpoint to dest: every data file first, metadata.json last.
+
+    Refuses to replace a checkpoint that already has a metadata.json: a checkpoint is never
+    overwritten. metadata.json is created only where none is (a hard link on local disk,
+    ``if_generation_match=0`` on GCS), so of two writers that both got past the first look,
+    the second fails loudly at its commit instead of replacing the first's.
+    """
+    if exists(dest.fs, join(dest.path, METADATA)):
+        raise CheckpointError(f"refusing to overwrite the existing checkpoint {dest.uri}")
+    dest.fs.create_dir(dest.path, recursive=True)
+    rels = []
+    for root, _, names in os.walk(local_dir):
+        for name in names:
+            rels.append(os.path.relpath(os.path.join(root, name), local_dir).replace(os.sep, "/"))
+    local = pafs.LocalFileSystem()
+    for rel in sorted(r for r in rels if r != METADATA):
+        if "/" in rel:
+            dest.fs.create_dir(join(dest.path, rel.rsplit("/", 1)[0]), recursive=True)
+        pafs.copy_files(os.path.join(local_dir, rel), join(dest.path, rel),
+                        source_filesystem=local, destination_filesystem=dest.fs, chunk_size=CHUNK)
+    # The commit marker, last, create-only.
+    with open(os.path.join(local_dir, METADATA), "rb") as f:
+        commit = f.read()
+    final = join(dest.path, METADATA)
+    try:
+        if dest.is_gcs:
+            gcs.write_create_only(final, commit)
+            return
+        # Never a fixed temp name: two writers of one checkpoint must not share (or move) it.
+        tmp = join(dest.path, f"{METADATA}.{uuid.uuid4().hex}.tmp")
+        with dest.fs.open_output_stream(tmp) as out:
+            out.write(commit)
+        try:
+            if dest.is_local:
+                link_create_only(tmp, final)
+            else:  # no create-only primitive in pyarrow's generic API: check, then rename
+                if exists(dest.fs, final):
+                    raise FileExistsError(final)
+                dest.fs.move(tmp, final)
+        finally:
+            if exists(dest.fs, tmp):
+                dest.fs.delete_file(tmp)
+    except FileExistsError:
+        raise CheckpointError(f"refusing to overwrite the existing checkpoint {dest.uri}") from None
+
+
+def link_create_only(tmp: str, final: str) -> None:
+    """Make the whole file tmp appear at final, only if nothing is there (FileExistsError).
+
+    A hard link is atomic and never replaces (a rename would): of two writers, one loses loudly
+    and the winner's metadata.json stays. Where links are not supported, an O_EXCL create.
+    """
+    try:
+        os.link(tmp, final)
+    except FileExistsError:
+        raise
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+            raise
+        with open(tmp, "rb") as f:
+            data = f.read()
+        fd = os.open(final, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+
+
+def delete(loc: Location) -> None:
+    """Remove a checkpoint: metadata.json first (it stops counting at once), then the rest
+    object by object (GCS has no directories to remove; see DESIGN.md)."""
+    meta = join(loc.path, METADATA)
+    if exists(loc.fs, meta):
+        loc.fs.delete_file(meta)
+    for info in loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=True, allow_not_found=True)):
+        if info.type == pafs.FileType.File:
+            loc.fs.delete_file(info.path)
+    if loc.is_local and exists(loc.fs, loc.path):
+        loc.fs.delete_dir(loc.path)
+
+
+def fetch(loc: Location, scratch_dir: str, wanted: Callable[[str], bool] = lambda _: True,
+          verify: bool = True) -> str:
+    """Make the checkpoint readable on local disk, verifying each wanted file's size and sha256
+    (verify=False: a local checkpoint whose hashes the caller has already checked).
+
+    A local checkpoint is read in place; of a remote one only the wanted files are
+    downloaded, to scratch_dir. Returns the local folder. Raises CheckpointError naming the file.
+    """
+    result = check(loc)
+    if not result.ok:
+        raise CheckpointError(f"checkpoint {loc.uri} is {result.status.value}: {result.reason}")
+    manifest = {rel: v for rel, v in result.metadata["files"].items() if wanted(rel)}
+    if loc.is_local:
+        local = loc.path
+    else:
+        local = scratch_dir
+        os.makedirs(local, exist_ok=True)
+        for rel in sorted(manifest) + [METADATA]:
+            target = _inside(local, rel, loc)
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            with loc.fs.open_input_stream(join(loc.path, rel)) as src, open(target, "wb") as out:
+                shutil.copyfileobj(src, out, CHUNK)
+    for rel, expected in sorted(manifest.items()) if verify else []:
+        actual = sha256_file(os.path.join(local, rel))
+        if actual != expected["sha256"]:
+            raise CheckpointError(
+                f"checkpoint {loc.uri} is corrupt: {rel} has sha256 {actual[:12]}..., "
+                f"metadata.json says {expected['sha256'][:12]}...; resume from another checkpoint"
+            )
+    return local
+
+
+def _inside(folder: str, rel: str, loc: Location) -> str:
+    """folder/rel, refused unless it stays inside folder (links resolved): whatever a listing or
+    a manifest says, a download never writes anywhere else."""
+    root = os.path.realpath(folder)
+    target = os.path.realpath(os.path.join(root, rel))
+    if rel_name_problem(rel) not in (None, "metadata.json listing itself") or (
+            os.path.commonpath([root, target]) != root or target == root):
+        raise CheckpointError(f"checkpoint {loc.uri} is corrupt: its file list names {rel!r}, "
+                              f"which is not inside the checkpoint; resume from another checkpoint")
+    return target
