@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Iterable
 
 _PATTERN = re.compile(r"checkpoint-epoch(0|[1-9][0-9]*)-step(0|[1-9][0-9]*)-files(0|[1-9][0-9]*)")
 
@@ -36,7 +35,7 @@ class CheckpointName:
         return (self.step, self.epoch, self.files)
 
     @classmethod
-    def parse(cls, text: str) -> "CheckpointName":
+    def parse(cls, text: str) -> CheckpointName:
         """Parse a name; raise ValueError naming the expected form."""
         match = _PATTERN.fullmatch(text)
         if match is None:
@@ -48,18 +47,9 @@ class CheckpointName:
         return cls(epoch=epoch, step=step, files=files)
 
     @classmethod
-    def try_parse(cls, text: str) -> "CheckpointName | None":
+    def try_parse(cls, text: str) -> CheckpointName | None:
         try:
             return cls.parse(text)
         except ValueError:
             return None
 
-
-def is_checkpoint_name(text: str) -> bool:
-    return _PATTERN.fullmatch(text) is not None
-
-
-def sort_names(names: Iterable[str]) -> list[str]:
-    """Checkpoint names in training order (by step, then epoch, then files); others dropped."""
-    parsed = [n for n in (CheckpointName.try_parse(x) for x in names) if n is not None]
-    return [str(n) for n in sorted(parsed, key=lambda n: n.sort_key)]
