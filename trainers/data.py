@@ -102,13 +102,13 @@ class EpochOrder:
 
 
 def read_all(fs: pafs.FileSystem, folder: str) -> tuple[np.ndarray, np.ndarray]:
-    """Every row of every parquet file in folder (validation data): (ids, tokens uint8)."""
+    """Every row of every parquet file in folder (validation data): (ids, tokens uint8).
+
+    The files are listed here, not by pyarrow's dataset discovery, which would recurse and skip
+    names starting with '_' or '.': only folder/*.parquet, in sorted order, all of them."""
     selector = pafs.FileSelector(folder, recursive=False)
-    ids, tokens = [], []
-    for path in sorted(i.path for i in fs.get_file_info(selector) if i.path.endswith(".parquet")):
-        with fs.open_input_file(path) as f:
-            table = pq.read_table(f, columns=["id", "tokens"])
-        ids.append(table.column("id").to_numpy())
-        tokens.extend(table.column("tokens").to_pylist())
+    paths = sorted(i.path for i in fs.get_file_info(selector) if i.path.endswith(".parquet"))
+    table = pq.read_table(paths, filesystem=fs, columns=["id", "tokens"], partitioning=None)
+    tokens = table.column("tokens").to_pylist()
     arr = np.frombuffer(b"".join(tokens), dtype=np.uint8).reshape(len(tokens), -1)
-    return np.concatenate(ids), arr
+    return table.column("id").to_numpy(), arr
