@@ -6,9 +6,13 @@ are imported next to them in ray_job/launch.py."""
 
 from __future__ import annotations
 
+import json
 import math
+import re
 import unicodedata
 from dataclasses import dataclass, field
+
+_FACTORY = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
 
 
 class ConfigError(ValueError):
@@ -65,8 +69,23 @@ class ModelSection:
     """Width of the residual stream; a multiple of n_head."""
     dropout: float = 0.1
     """Dropout probability: it draws random numbers, so resume must restore the RNG states."""
+    factory: str = "trainers.model:GPT"
+    """"package.module:function" building the model: called as function(model_section,
+    **kwargs), it returns an nn.Module whose forward(inputs, targets) gives the loss. The module
+    must import on every worker: ship it in the job's working dir or an installed package."""
+    kwargs: dict = field(default_factory=dict)
+    """Extra keyword arguments for the factory (JSON values); recorded in every checkpoint."""
 
     def __post_init__(self):
+        _require(isinstance(self.factory, str) and _FACTORY.fullmatch(self.factory) is not None,
+                 "model.factory", f"{self.factory!r} is not 'package.module:function'")
+        _require(isinstance(self.kwargs, dict) and all(isinstance(k, str) for k in self.kwargs),
+                 "model.kwargs", "must be a mapping of names to values")
+        try:
+            json.dumps(self.kwargs, allow_nan=False)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"model.kwargs: values must be JSON (numbers, strings, lists, "
+                              f"mappings): {e}") from None
         _require(self.d_model % self.n_head == 0, "model.d_model", "must be a multiple of model.n_head")
         _require(0.0 <= self.dropout < 1.0, "model.dropout", "must be in [0, 1)")  # nan fails too
         for name in ("vocab_size", "seq_len", "n_layer", "n_head", "d_model"):

@@ -13,13 +13,14 @@ from ray_job.errors import UserError
 
 def prepare(argv: list[str] | None = None) -> tuple:
     """Everything that can fail because of user input, done before Ray starts."""
-    from ray_job import data_check, resume
+    from ray_job import data_check, model_check, resume
     from storage.location import StorageUnreachable, probe, resolve
     from trainers.data import DataIndex
     from trainers.launch_plan import LaunchPlan, ResumePoint
 
     args = parser().parse_args(argv)
     cfg = resolve_config(args)
+    model_check.check_importable(cfg)
     try:
         storage = resolve(cfg.checkpoint.storage)
         data = resolve(cfg.data.path)
@@ -36,6 +37,10 @@ def prepare(argv: list[str] | None = None) -> tuple:
     choice = resume.resolve_resume(args.resume, run) if args.resume else None
     if choice is not None:
         resume.check_compatible(choice, cfg, cfg.train.max_steps, args.allow_new_global_batch)
+        forking = not choice.loc.uri.startswith(run.uri.rstrip("/") + "/")
+        warning = model_check.check_same_model(choice.metadata.get("config"), cfg, choice.name, forking)
+        if warning:
+            print(warning)
         if choice.metadata["world_size"] != cfg.scaling.num_workers:
             print(f"⚠️  {choice.name} was written by {choice.metadata['world_size']} workers; "
                   f"resuming on {cfg.scaling.num_workers} with the same global batch size")

@@ -23,7 +23,7 @@ from trainers.checkpointer import Checkpointer, seed_rank
 from trainers.data import EpochOrder, read_all
 from trainers.ingest import DataOrderError, check_batch, tokens_of
 from trainers.launch_plan import LaunchPlan
-from trainers.model import GPT
+from trainers.model import build_model
 from trainers.preemption import PreemptionWatch
 from trainers.schedule import lr_factor
 from trainers.state import TrainState
@@ -46,7 +46,7 @@ def train_loop(plan: LaunchPlan) -> None:
         gradient_accumulation_steps=cfg.train.grad_accum_steps,
     )
     torch.manual_seed(cfg.train.seed)  # identical init on every rank
-    model = GPT(cfg.model)
+    model = build_model(cfg.model)  # model.factory: the built-in GPT unless the user brings one
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr,
                                   weight_decay=cfg.optim.weight_decay)
     # Stepped by us, not prepared: Accelerate's scheduler wrapper steps once per process.

@@ -70,3 +70,22 @@ class GPT(nn.Module):
         if targets is None:
             return logits
         return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+
+
+def load_factory(spec: str):
+    """"package.module:function" -> the function (ImportError / AttributeError as raised)."""
+    import importlib
+
+    module, _, name = spec.partition(":")
+    fn = getattr(importlib.import_module(module), name)
+    if not callable(fn):
+        raise TypeError(f"{spec} is not callable")
+    return fn
+
+
+def build_model(cfg: ModelSection) -> nn.Module:
+    """The model.factory's module (the built-in GPT by default), built with model.kwargs."""
+    model = load_factory(cfg.factory)(cfg, **cfg.kwargs)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model.factory {cfg.factory} returned {type(model).__name__}, not an nn.Module")
+    return model
