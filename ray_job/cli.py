@@ -34,6 +34,8 @@ def parser() -> argparse.ArgumentParser:
                    help="resume with a different train.global_batch_size on purpose")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, e.g. --set optim.lr=1e-3 (repeatable)")
+    p.add_argument("--verbose", action="store_true",
+                   help="also show Ray's own logs (Train's reports, Ray Data's plans and progress)")
     p.add_argument("--audit-dir", help="local folder for a per-rank audit trail of sample ids "
                                        "and opened files")
     return p

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import os
 
@@ -14,7 +15,9 @@ if (os.environ.get("RAY_ADDRESS") and "RAY_AUTH_MODE" not in os.environ
 
 import ray  # noqa: E402
 from ray.data import ExecutionOptions  # noqa: E402
-from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig  # noqa: E402
+from ray.train import (  # noqa: E402
+    CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig,
+)
 from ray.train.torch import TorchTrainer
 
 from configs.schema import Config
@@ -27,27 +30,37 @@ from trainers.loop import train_loop
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def init_ray(cfg: Config) -> None:
-    """Join RAY_ADDRESS's cluster if set (as `ray job submit` does), else start a local Ray."""
+def init_ray(cfg: Config, verbose: bool = False) -> None:
+    """Join RAY_ADDRESS's cluster if set (as `ray job submit` does), else start a local Ray.
+
+    Quiet unless verbose: the service's own lines, the progress bar and warnings, not Ray's
+    INFO chatter (Ray Data's execution plans and progress bars, Train's per-rank
+    "Reporting training result" lines: see fit() and trainers/logs.py).
+    """
     if ray.is_initialized():
         return
-    env = {}
+    env = {} if verbose else {"RAY_DATA_LOG_LEVEL": "WARNING"}  # Ray Data's loggers, every process
     if "RAY_JOB_CONFIG_JSON_ENV_VAR" not in os.environ:  # a submitted job ships its working dir
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO_ROOT, os.environ.get("PYTHONPATH")]))
     if gcs.emulator_host():  # workers must see the same GCS as the driver
         env[gcs.EMULATOR_HOST] = gcs.emulator_host()
     runtime_env = {"env_vars": env} if env else None
+    quiet = {} if verbose else {"logging_level": logging.WARNING}
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(runtime_env=runtime_env, log_to_driver=True)
+        ray.init(runtime_env=runtime_env, log_to_driver=True, **quiet)
     else:
         # Logical CPUs: the workers' plus Ray Data's; on a 2-core machine the workers alone
         # would take them all and iteration would hang.
         cpus = max(os.cpu_count() or 1,
                    math.ceil(cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + cfg.scaling.data_cpus))
-        ray.init(num_cpus=cpus, runtime_env=runtime_env, include_dashboard=False, log_to_driver=True)
+        # With the dashboard up, Ray's state API answers Train's PlacementGroupCleaner; without
+        # it the cleaner warns "Failed to query Ray Train Controller actor state" every few
+        # seconds. Port 0: any free one, so two local jobs never collide.
+        ray.init(num_cpus=cpus, runtime_env=runtime_env, include_dashboard=True,
+                 dashboard_host="127.0.0.1", dashboard_port=0, log_to_driver=True, **quiet)
 
 
-def fit(cfg: Config, run: Location, storage: Location, plan: LaunchPlan):
+def fit(cfg: Config, run: Location, storage: Location, plan: LaunchPlan, verbose: bool = False):
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=plan,
@@ -69,6 +82,7 @@ def fit(cfg: Config, run: Location, storage: Location, plan: LaunchPlan):
             storage_filesystem=storage.fs,
             checkpoint_config=CheckpointConfig(num_to_keep=None),  # retention: ours, not Ray's
             failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures),
+            logging_config=LoggingConfig(log_level="INFO" if verbose else "WARNING"),
         ),
     )
     return trainer.fit()

@@ -60,6 +60,7 @@ def prepare(argv: list[str] | None = None) -> tuple:
                            epoch=int(choice.metadata["epoch"]),
                            samples_in_epoch=int(choice.metadata["samples_in_epoch"])) if choice else None,
         audit_dir=os.path.abspath(args.audit_dir) if args.audit_dir else None,
+        verbose=args.verbose,
     )
     if choice is not None:
         print(f"🔎 --resume {args.resume} -> {choice.loc.uri} (step {choice.step}, verified)")
@@ -83,14 +84,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"🚀 Run '{cfg.run_name}': checkpoints in {run.uri}, {cfg.scaling.num_workers} workers, "
               f"max_steps {cfg.train.max_steps}")
         try:
-            launch.init_ray(cfg)
+            launch.init_ray(cfg, verbose=plan.verbose)
         except Exception as e:  # no cluster at RAY_ADDRESS, a malformed address, ...
             first = (str(e).strip().splitlines() or [""])[0][:300]
             print(f"❌ Ray did not start: {type(e).__name__}: {first} (RAY_ADDRESS="
                   f"{os.environ.get('RAY_ADDRESS') or 'unset: a local Ray'})", file=sys.stderr)
             return 1
         try:
-            result = launch.fit(cfg, run, storage, plan)
+            result = launch.fit(cfg, run, storage, plan, verbose=plan.verbose)
         except SystemExit:  # fit() installs Ray Train's Ctrl-C handler: it aborts the run, then exits
             raise KeyboardInterrupt from None
         except Exception as e:  # Ray wraps worker errors; the traceback is in the log above

@@ -273,6 +273,7 @@ def train_dataset(plan: LaunchPlan):
     from trainers import source
 
     cfg = plan.config
+    ray.data.DataContext.get_current().enable_progress_bars = plan.verbose  # this process builds it
     start = source.choose(plan)
     step, epoch, cursor = (start.step, start.epoch, start.samples_in_epoch) if start else (0, 0, 0)
     steps = cfg.train.max_steps - step

@@ -35,3 +35,5 @@ class LaunchPlan:
     """--resume, for the first attempt; in-run retries use this launch's newest checkpoint."""
     audit_dir: str | None = None
     """--audit-dir (absolute): per-rank sample ids and the read tasks' opens."""
+    verbose: bool = False
+    """--verbose: Ray's own INFO logs too (Train's per-rank reports, Ray Data's plans)."""

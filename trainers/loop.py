@@ -23,6 +23,7 @@ from trainers.checkpointer import Checkpointer, seed_rank
 from trainers.data import EpochOrder, read_all
 from trainers.ingest import DataOrderError, check_batch, tokens_of
 from trainers.launch_plan import LaunchPlan
+from trainers.logs import quiet_ray
 from trainers.model import build_model
 from trainers.preemption import PreemptionWatch
 from trainers.schedule import lr_factor
@@ -35,6 +36,7 @@ def train_loop(plan: LaunchPlan) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     say = _say if rank == 0 else (lambda *a, **k: None)
+    quiet_ray(plan.verbose)
 
     # --- set up Accelerate, the model, the optimizer and the schedule -------------------
     if cfg.scaling.use_gpu:  # exact resume on GPU needs deterministic kernels (cuBLAS included)

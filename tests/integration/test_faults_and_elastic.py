@@ -76,6 +76,7 @@ def test_two_worker_checkpoint_resumes_on_one_and_four_workers(runs, ray_address
     for workers in (1, 2, 4):
         trail = runs.storage.parent / "audit" / f"elastic{workers}"
         cpus = ["--set", "scaling.cpus_per_worker=0.5"] if workers == 4 else []  # 4-CPU cluster
+        cpus += ["--verbose"] if workers == 1 else []  # Ray's own logs back
         result = launcher.run(["--config", "test", "--storage", runs.storage, "--run-name", f"elastic{workers}",
                           "--set", f"data.path={runs.data}", "--set", "model.dropout=0", *cpus,
                           "--num-workers", workers, "--max-steps", 24, "--resume", source,
@@ -83,6 +84,8 @@ def test_two_worker_checkpoint_resumes_on_one_and_four_workers(runs, ray_address
         assert result.rc == 0, result.out[-4000:]
         results[workers] = result
     assert "was written by 2 workers; resuming on 1" in results[1].out
+    assert "Reporting training result" in results[1].out  # --verbose
+    assert "Reporting training result" not in results[2].out
     assert "was written by 2 workers; resuming on 4" in results[4].out
 
     straight = audit(runs.audit / "straight")
