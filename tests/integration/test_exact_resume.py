@@ -1,9 +1,12 @@
 """Property 1: train 40 steps straight, or stop at 10 and 24 and resume twice: every per-step
 loss, every LR and the final weights and optimizer state are bitwise equal (same world size)."""
 
+import pyarrow.parquet as pq
 import torch
 from conftest import read_json
 from safetensors.torch import load_file
+
+from trainers.data import DataIndex, EpochOrder
 
 FINAL = "checkpoint-epoch1-step40-files4"
 
@@ -16,7 +19,13 @@ def test_names_cover_mid_file_and_epoch_boundary(runs):
         "checkpoint-epoch1-step32-files2", FINAL,
     ])
     meta = read_json(runs.ckpt("chain", "checkpoint-epoch0-step10-files2") / "metadata.json")
-    assert meta["samples_in_epoch"] == 160 and 160 % 64 != 0 and (160 % 64) % 10 != 0  # mid-row-group
+    assert meta["samples_in_epoch"] == 160
+    # the stop at step 10 is inside a file and inside one of its row groups (from the data itself)
+    order = EpochOrder.make(DataIndex.from_json(meta["data_index"]), 0, 0)
+    (pos, row, _), = order.locate(160, 161)
+    groups = pq.ParquetFile(order.index.files[order.order[pos]]).metadata
+    bounds = [sum(groups.row_group(g).num_rows for g in range(k)) for k in range(groups.num_row_groups + 1)]
+    assert 0 < row and row not in bounds, (row, bounds)
 
 
 def test_every_step_loss_and_lr_bitwise_equal(runs):
