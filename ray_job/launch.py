@@ -16,7 +16,12 @@ if (os.environ.get("RAY_ADDRESS") and "RAY_AUTH_MODE" not in os.environ
 import ray  # noqa: E402
 from ray.data import ExecutionOptions  # noqa: E402
 from ray.train import (  # noqa: E402
-    CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig,
+    CheckpointConfig,
+    DataConfig,
+    FailureConfig,
+    LoggingConfig,
+    RunConfig,
+    ScalingConfig,
 )
 from ray.train.torch import TorchTrainer
 
