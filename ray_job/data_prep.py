@@ -1,34 +1,38 @@
 """Prepare the test corpus from text already on every machine: this Python's stdlib sources.
 
-Byte-level tokens, fixed-length samples of seq_len + 1 bytes, a unique int64 id per sample,
-written as train/part-NNNNN.parquet and val/part-00000.parquet, then ``corpus.json``, last:
-what the corpus was built with (seq_len, sizes). Written once; each file lands atomically
-(a temp name of its own, then a move), so an interrupted prepare is redone, never half-used,
-and two launches preparing one folder at once write the same bytes. A corpus built for
-another config is refused (a run must not silently train on 64-token samples when it asked
-for 128), with the fix in the message.
+One use of `python -m ray_job.prepare_data` (ray_job/prepare_data.py), not a second path: the
+stdlib's *.py files, concatenated in sorted order and cut to exactly the bytes the config needs,
+go to a temp file, and the prepare command's code turns that into the dataset through Ray Data
+with the bytes tokenizer: samples of seq_len + 1 bytes, train_files files of samples_per_file
+samples (ids 0, 1, ...), then val_samples validation samples (ids VAL_ID_OFFSET + j), row groups
+of row_group_size. dataset.json, written last, records what the corpus was built for under
+"stdlib"; a corpus built for another config is refused (a run must not silently train on
+64-token samples when it asked for 128), with the fix in the message. An interrupted prepare
+(dataset.partial.json, no dataset.json) is redone, never half-used; each file lands whole, so
+two launches preparing one folder at once write the same bytes.
+
+The temp file is on the driver: on a multi-node cluster the read task must run where it is
+(a local Ray, or a shared disk); a cluster's own data is prepared from gs:// with the command.
 """
 
 from __future__ import annotations
 
 import glob
-import io
 import json
 import os
 import sysconfig
-import uuid
+import tempfile
 
-import pyarrow as pa
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
-from tqdm import tqdm
 
 from configs.schema import Config
+from ray_job import prepare_data
 from ray_job.errors import UserError
 from storage.location import Location, join
 
-VAL_ID_OFFSET = 1 << 40  # validation ids never collide with train ids
-MARKER = "corpus.json"
+VAL_ID_OFFSET = prepare_data.VAL_ID_OFFSET
+MARKER = prepare_data.MARKER  # dataset.json: what the corpus was built for is under "stdlib"
+LEGACY_MARKER = "corpus.json"  # before the prepare command: the same record, on its own
 
 
 def _corpus_bytes(needed: int) -> bytes:
@@ -45,25 +49,8 @@ def _corpus_bytes(needed: int) -> bytes:
     raise RuntimeError(f"the stdlib at {root} holds {total} bytes, fewer than the {needed} needed")
 
 
-def _write(loc: Location, rel: str, ids: list[int], samples: list[bytes], row_group: int) -> None:
-    table = pa.table({"id": pa.array(ids, pa.int64()), "tokens": pa.array(samples, pa.binary())})
-    buf = io.BytesIO()
-    pq.write_table(table, buf, row_group_size=row_group)
-    _put(loc, rel, buf.getvalue())
-
-
-def _put(loc: Location, rel: str, data: bytes) -> None:
-    final = join(loc.path, rel)
-    tmp = f"{final}.{uuid.uuid4().hex}.tmp"  # never a shared temp name: two preparers at once
-    if os.path.dirname(rel):
-        loc.fs.create_dir(join(loc.path, os.path.dirname(rel)), recursive=True)
-    with loc.fs.open_output_stream(tmp) as out:
-        out.write(data)
-    loc.fs.move(tmp, final)
-
-
 def built_with(cfg: Config) -> dict:
-    """What a corpus for cfg is built from; corpus.json records it."""
+    """What a corpus for cfg is built from; dataset.json records it under "stdlib"."""
     d = cfg.data
     return {"format": 1, "source": "stdlib", "seq_len": cfg.model.seq_len,
             "sample_bytes": cfg.model.seq_len + 1, "train_files": d.train_files,
@@ -72,24 +59,28 @@ def built_with(cfg: Config) -> dict:
 
 
 def _recorded(loc: Location) -> dict | None:
-    path = join(loc.path, MARKER)
-    if loc.fs.get_file_info(path).type != pafs.FileType.File:
-        return None
-    try:
-        with loc.fs.open_input_stream(path) as f:
-            recorded = json.loads(f.read())
-    except ValueError:  # UnicodeDecodeError is one
-        recorded = None
-    if not isinstance(recorded, dict):
-        raise UserError(f"data.path {loc.uri}: {MARKER} there is unreadable; delete {loc.uri} to "
-                        "rebuild the corpus, or use another --set data.path")
-    return recorded
+    """What the test corpus at loc was built for: dataset.json's "stdlib" record (None for a
+    dataset prepared from other text), or an older corpus's corpus.json."""
+    for name in (MARKER, LEGACY_MARKER):
+        path = join(loc.path, name)
+        if loc.fs.get_file_info(path).type != pafs.FileType.File:
+            continue
+        try:
+            with loc.fs.open_input_stream(path) as f:
+                recorded = json.loads(f.read())
+        except ValueError:  # UnicodeDecodeError is one
+            recorded = None
+        if not isinstance(recorded, dict):
+            raise UserError(f"data.path {loc.uri}: {name} there is unreadable; delete {loc.uri} to "
+                            "rebuild the corpus, or use another --set data.path")
+        return recorded.get("stdlib") if name == MARKER else recorded
+    return None
 
 
 def is_prepared(loc: Location, cfg: Config) -> bool:
-    """corpus.json is there (and says cfg's corpus), or, from before it was recorded, a whole
-    corpus: train files and the val file (written last then). Refuses a corpus built for
-    another config."""
+    """dataset.json is there (and, for a test corpus, says cfg's corpus), or, from before it was
+    recorded, a whole corpus: train files and the val file (written last then). A prepare cut
+    short is not. Refuses a corpus built for another config."""
     recorded = _recorded(loc)
     if recorded is not None:
         wanted = built_with(cfg)
@@ -105,25 +96,28 @@ def is_prepared(loc: Location, cfg: Config) -> bool:
                 f"new folder for this config (--set data.path=NEW_FOLDER, prepared there), match "
                 f"the corpus ({fix}), or delete {loc.uri} to rebuild it")
         return True
+    if loc.fs.get_file_info(join(loc.path, prepare_data.PARTIAL)).type == pafs.FileType.File:
+        return False  # cut short: prepared again, replacing it
+    if loc.fs.get_file_info(join(loc.path, MARKER)).type == pafs.FileType.File:
+        return True  # a dataset prepared from other text; data_check checks it against the model
     sel = pafs.FileSelector(join(loc.path, "train"), allow_not_found=True)
     found = [i for i in loc.fs.get_file_info(sel) if i.path.endswith(".parquet")]
     val = loc.fs.get_file_info(join(loc.path, "val", "part-00000.parquet"))
     return len(found) > 0 and val.type == pafs.FileType.File
 
 
-def prepare(loc: Location, cfg: Config) -> None:
-    """Write the test corpus at loc unless it is already there (refused if built otherwise)."""
+def prepare(loc: Location, cfg: Config, verbose: bool = False) -> None:
+    """Write the test corpus at loc unless it is already there (refused if built otherwise).
+    verbose: Ray's and Ray Data's lines too (a train job's --verbose)."""
     if is_prepared(loc, cfg):
         return
-    d, sample = cfg.data, cfg.model.seq_len + 1
-    n_train = d.train_files * d.samples_per_file
-    corpus = _corpus_bytes((n_train + d.val_samples) * sample)
-    samples = [corpus[i * sample:(i + 1) * sample] for i in range(n_train + d.val_samples)]
-    for f in tqdm(range(d.train_files), desc="Preparing the test corpus", unit="file"):
-        lo = f * d.samples_per_file
-        ids = list(range(lo, lo + d.samples_per_file))
-        _write(loc, f"train/part-{f:05d}.parquet", ids, samples[lo:lo + d.samples_per_file],
-               d.row_group_size)
-    val_ids = [VAL_ID_OFFSET + i for i in range(d.val_samples)]
-    _write(loc, "val/part-00000.parquet", val_ids, samples[n_train:], d.row_group_size)
-    _put(loc, MARKER, json.dumps(built_with(cfg), indent=2, sort_keys=True).encode())  # last
+    d = cfg.data
+    needed = (d.train_files * d.samples_per_file + d.val_samples) * (cfg.model.seq_len + 1)
+    with tempfile.TemporaryDirectory(prefix="stdlib-corpus-") as tmp:
+        text = os.path.join(tmp, "stdlib.txt")  # one document: no separator, today's bytes
+        with open(text, "wb") as f:
+            f.write(_corpus_bytes(needed))
+        opts = prepare_data.Options(input=text, out=loc.uri, tokenizer="bytes", seq_len=cfg.model.seq_len,
+                                    val_samples=d.val_samples, rows_per_file=d.samples_per_file,
+                                    row_group_size=d.row_group_size)
+        prepare_data.prepare(opts, extra={"stdlib": built_with(cfg)}, out_name="data.path", verbose=verbose)
