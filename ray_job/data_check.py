@@ -3,8 +3,12 @@ for another model costs seconds, not a cluster start and a worker traceback.
 
 A fresh run: data.path is a folder (missing is fine only when data.prepare=stdlib builds the
 test corpus there), every train/*.parquet footer reads, and one row of the first train file
-has seq_len + 1 bytes (inputs plus the next-token targets). Any run with validation: the same
-for val/. The tokens are bytes (ids 0-255), so model.vocab_size must be at least 256.
+has seq_len + 1 tokens (inputs plus the next-token targets). Any run with validation: the same
+for val/. A dataset made by `python -m ray_job.prepare_data` counts only once its dataset.json
+(written last) is there: it gives the token width and must say this model's seq_len and a vocab
+that fits model.vocab_size; its train file and sample counts must match the folder. A folder
+without one is read as byte tokens (ids 0-255: model.vocab_size at least 256), unless a prepare
+was cut short there (dataset.partial.json): refused.
 A resume takes its train files from the checkpoint (checked when that run started, with the
 same model.seq_len, which check_compatible enforces) and opens none of them here: files
 already trained on are never read again.
@@ -12,6 +16,7 @@ already trained on are never read again.
 
 from __future__ import annotations
 
+import json
 from contextlib import contextmanager
 
 import pyarrow as pa
@@ -20,10 +25,12 @@ import pyarrow.parquet as pq
 
 from configs.schema import Config
 from ray_job.errors import UserError
+from ray_job.prepare_data import FORMAT, MARKER, PARTIAL, WIDTHS
+from ray_job.prepare_data import token_dtype as width_for
 from storage.location import Location, join
 
 
-def fresh_index(data: Location, cfg: Config):
+def fresh_index(data: Location, cfg: Config, verbose: bool = False):
     """The train index of a fresh run (preparing the test corpus when asked), checked."""
     from ray_job import data_prep
     from trainers.data import build_index
@@ -34,7 +41,7 @@ def fresh_index(data: Location, cfg: Config):
                         "train/*.parquet and val/*.parquet")
     if cfg.data.prepare == "stdlib":
         try:
-            data_prep.prepare(data, cfg)
+            data_prep.prepare(data, cfg, verbose)
         except OSError as e:
             raise UserError(f"data.path {data.uri}: cannot prepare the test corpus there "
                             f"({_first_line(e)}); give a writable folder") from None
@@ -54,12 +61,78 @@ def fresh_index(data: Location, cfg: Config):
             with _opened(data, path, "train"):
                 pass
         raise
-    check_sample(data, cfg, index.files[0], "train")
-    check_val(data, cfg)
+    dtype = token_dtype(data, cfg, index)
+    check_sample(data, cfg, index.files[0], "train", dtype)
+    check_val(data, cfg, dtype)
     return index
 
 
-def check_val(data: Location, cfg: Config) -> None:
+def token_dtype(data: Location, cfg: Config, index=None) -> str:
+    """The width of the tokens at data: dataset.json's, checked against the model (and, given
+    the train index, against the files there), or uint8 for byte tokens without one."""
+    marker = _marker(data)
+    if marker is None:
+        if data.fs.get_file_info(join(data.path, PARTIAL)).type == pafs.FileType.File:
+            raise UserError(f"data.path {data.uri} is an unfinished dataset: {PARTIAL} is there and "
+                            f"{MARKER} (written last) is not, so its prepare was cut short; run "
+                            f"python -m ray_job.prepare_data again with --out {data.uri}")
+        if cfg.model.vocab_size < 256:
+            raise UserError(f"model.vocab_size={cfg.model.vocab_size}: the data holds bytes (token ids "
+                            "0-255), so it must be at least 256; --set model.vocab_size=256")
+        return "uint8"
+    dtype = check_dataset(marker, cfg, data.uri)
+    if index is not None:
+        want = (int(marker["train"]["files"]), int(marker["train"]["samples"]))
+        if (len(index.files), index.total_rows) != want:
+            raise UserError(f"data.path {data.uri}: {MARKER} records {want[0]} train files of {want[1]} "
+                            f"samples, but train/ holds {len(index.files)} files of {index.total_rows}: "
+                            "the folder changed after it was prepared; restore it or prepare it again")
+    return dtype
+
+
+def check_dataset(marker, cfg: Config, uri: str) -> str:
+    """dataset.json against the model: the same seq_len, every token id below model.vocab_size.
+    Returns the token width."""
+    try:
+        seq_len, vocab, dtype = int(marker["seq_len"]), int(marker["vocab_size"]), marker["token_dtype"]
+        tokenizer = marker["tokenizer"]
+        kind = tokenizer["kind"]
+        ok = (marker["format"] == FORMAT and dtype in WIDTHS and width_for(vocab) == dtype
+              and int(marker["train"]["files"]) >= 0 and int(marker["train"]["samples"]) >= 0)
+    except (KeyError, TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise UserError(f"data.path {uri}: {MARKER} there is not a dataset record this version reads; "
+                        "prepare the data again with python -m ray_job.prepare_data")
+    if seq_len != cfg.model.seq_len:
+        raise UserError(
+            f"data.path {uri} holds samples of {seq_len + 1} tokens ({MARKER}: seq_len {seq_len}), but "
+            f"model.seq_len={cfg.model.seq_len} needs {cfg.model.seq_len + 1} (seq_len + 1: inputs and "
+            f"next-token targets); --set model.seq_len={seq_len}, or prepare the data with --seq-len "
+            f"{cfg.model.seq_len}")
+    if vocab > cfg.model.vocab_size:
+        if kind == "bytes":
+            raise UserError(f"model.vocab_size={cfg.model.vocab_size}: the data holds bytes (token ids "
+                            "0-255), so it must be at least 256; --set model.vocab_size=256")
+        raise UserError(f"model.vocab_size={cfg.model.vocab_size}: the data at {uri} was tokenized by "
+                        f"{tokenizer.get('path')} into {vocab} token ids, so it must be at least "
+                        f"{vocab}; --set model.vocab_size={vocab}")
+    return dtype
+
+
+def _marker(data: Location) -> dict | None:
+    path = join(data.path, MARKER)
+    if data.fs.get_file_info(path).type != pafs.FileType.File:
+        return None
+    try:
+        with data.fs.open_input_stream(path) as f:
+            return json.loads(f.read())
+    except (OSError, ValueError) as e:  # UnicodeDecodeError is a ValueError
+        raise UserError(f"data.path {data.uri}: {MARKER} there is unreadable ({_first_line(e)}); "
+                        "prepare the data again with python -m ray_job.prepare_data") from None
+
+
+def check_val(data: Location, cfg: Config, dtype: str | None = None) -> None:
     """With validation on, val/*.parquet must be there with samples of the right length."""
     if not cfg.train.val_every:
         return
@@ -68,12 +141,12 @@ def check_val(data: Location, cfg: Config) -> None:
         raise UserError(f"data.path {data.uri}: no val/*.parquet files there, and validation is "
                         f"on (train.val_every={cfg.train.val_every}); add them, or --set "
                         "train.val_every=0")
-    check_sample(data, cfg, files[0], "val")
+    check_sample(data, cfg, files[0], "val", dtype or token_dtype(data, cfg))
 
 
-def check_sample(data: Location, cfg: Config, path: str, kind: str) -> None:
-    """Read the schema and one row of path: id and tokens columns, tokens are bytes of
-    model.seq_len + 1, and model.vocab_size covers bytes."""
+def check_sample(data: Location, cfg: Config, path: str, kind: str, dtype: str = "uint8") -> None:
+    """Read the schema and one row of path: id and tokens columns, tokens are bytes holding
+    model.seq_len + 1 tokens of dtype."""
     where = f"data.path {data.uri}: {kind} file {path}"
     with _opened(data, path, kind) as pf:
         schema = pf.schema_arrow
@@ -84,7 +157,7 @@ def check_sample(data: Location, cfg: Config, path: str, kind: str) -> None:
         if not (pa.types.is_binary(kind_of) or pa.types.is_large_binary(kind_of)
                 or pa.types.is_fixed_size_binary(kind_of)):
             raise UserError(f"{where}: tokens is {kind_of}, expected bytes (binary): this trainer "
-                            "reads byte-level tokens")
+                            "reads tokens packed in bytes (python -m ray_job.prepare_data writes them)")
         length = None
         try:
             for batch in pf.iter_batches(batch_size=1, columns=["tokens"]):  # one row, not a file
@@ -93,10 +166,12 @@ def check_sample(data: Location, cfg: Config, path: str, kind: str) -> None:
                     break
         except (OSError, ValueError) as e:
             raise UserError(f"{where} is unreadable ({_first_line(e)})") from None
-    if cfg.model.vocab_size < 256:
-        raise UserError(f"model.vocab_size={cfg.model.vocab_size}: the data holds bytes (token ids "
-                        "0-255), so it must be at least 256; --set model.vocab_size=256")
     want = cfg.model.seq_len + 1
+    if length is not None:
+        length, odd = divmod(length, WIDTHS[dtype])
+        if odd:
+            raise UserError(f"{where} holds a sample of {length * WIDTHS[dtype] + odd} bytes, not whole "
+                            f"{dtype} tokens ({MARKER} says {dtype}); prepare the data again")
     if length is not None and length != want:
         raise UserError(
             f"{where} holds samples of {length} tokens, but model.seq_len={cfg.model.seq_len} needs "

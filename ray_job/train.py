@@ -49,7 +49,8 @@ def prepare(argv: list[str] | None = None) -> tuple:
         index = DataIndex.from_json(choice.metadata["data_index"])  # no data file is opened
         data_check.check_val(data, cfg)
     else:  # prepares the test corpus if asked; checks the folder, the files, one sample's length
-        index = data_check.fresh_index(data, cfg)
+        index = data_check.fresh_index(data, cfg, verbose=args.verbose)
+    token_dtype = data_check.token_dtype(data, cfg)  # dataset.json's width (uint8: byte tokens)
     if index.total_rows < cfg.train.global_batch_size:
         raise UserError(f"data.path {data.uri}: {index.total_rows} train samples, fewer than one "
                         f"global batch ({cfg.train.global_batch_size}); lower "
@@ -61,6 +62,7 @@ def prepare(argv: list[str] | None = None) -> tuple:
                            samples_in_epoch=int(choice.metadata["samples_in_epoch"])) if choice else None,
         audit_dir=os.path.abspath(args.audit_dir) if args.audit_dir else None,
         verbose=args.verbose,
+        token_dtype=token_dtype,
     )
     if choice is not None:
         print(f"🔎 --resume {args.resume} -> {choice.loc.uri} (step {choice.step}, verified)")

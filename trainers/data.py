@@ -101,7 +101,7 @@ class EpochOrder:
         return pieces
 
 
-def read_all(fs: pafs.FileSystem, folder: str) -> tuple[np.ndarray, np.ndarray]:
+def read_all(fs: pafs.FileSystem, folder: str, dtype: str = "uint8") -> tuple[np.ndarray, np.ndarray]:
     """Every row of every parquet file in folder (validation data): (ids, tokens uint8).
 
     The files are listed here, not by pyarrow's dataset discovery, which would recurse and skip
@@ -110,5 +110,5 @@ def read_all(fs: pafs.FileSystem, folder: str) -> tuple[np.ndarray, np.ndarray]:
     paths = sorted(i.path for i in fs.get_file_info(selector) if i.path.endswith(".parquet"))
     table = pq.read_table(paths, filesystem=fs, columns=["id", "tokens"], partitioning=None)
     tokens = table.column("tokens").to_pylist()
-    arr = np.frombuffer(b"".join(tokens), dtype=np.uint8).reshape(len(tokens), -1)
+    arr = np.frombuffer(b"".join(tokens), dtype=np.dtype(dtype).newbyteorder("<")).reshape(len(tokens), -1)
     return table.column("id").to_numpy(), arr

@@ -132,10 +132,11 @@ def _describe(epochs: np.ndarray, pos: np.ndarray) -> str:
     return f"{len(pos)} rows (epoch:position) {shown}{', ...' if len(pos) > 8 else ''}"
 
 
-def tokens_of(batch: dict) -> np.ndarray:
-    """[rows, seq_len+1] uint8 tokens from a batch's `tokens` column (numpy object array)."""
+def tokens_of(batch: dict, dtype: str = "uint8") -> np.ndarray:
+    """[rows, seq_len+1] tokens from a batch's `tokens` column (numpy object array): uint8, or
+    little-endian uint16/uint32 (LaunchPlan.token_dtype)."""
     col = batch["tokens"]
-    return np.frombuffer(b"".join(col), dtype=np.uint8).reshape(len(col), -1)
+    return np.frombuffer(b"".join(col), dtype=np.dtype(dtype).newbyteorder("<")).reshape(len(col), -1)
 
 
 SCHEMA = pa.schema([("id", pa.int64()), ("tokens", pa.binary()), ("epoch", pa.int32()),
@@ -202,7 +203,7 @@ class Stream:
     seed: int
     global_batch: int
     world: int
-    row_bytes: int  # seq_len + 1 token bytes per sample
+    row_bytes: int  # bytes per sample: seq_len + 1 tokens of LaunchPlan.token_dtype
     epoch: int
     cursor: int
     steps: int
@@ -282,6 +283,7 @@ def train_dataset(plan: LaunchPlan):
     return Stream(
         data_uri=cfg.data.path, index=plan.data_index, seed=cfg.data.shuffle_seed,
         global_batch=cfg.train.global_batch_size, world=cfg.scaling.num_workers,
-        row_bytes=cfg.model.seq_len + 1, epoch=epoch, cursor=cursor, steps=steps,
+        row_bytes=(cfg.model.seq_len + 1) * np.dtype(plan.token_dtype).itemsize,
+        epoch=epoch, cursor=cursor, steps=steps,
         steps_per_block=cfg.data.steps_per_block, audit_dir=plan.audit_dir,
     ).dataset()

@@ -37,3 +37,6 @@ class LaunchPlan:
     """--audit-dir (absolute): per-rank sample ids and the read tasks' opens."""
     verbose: bool = False
     """--verbose: Ray's own INFO logs too (Train's per-rank reports, Ray Data's plans)."""
+    token_dtype: str = "uint8"
+    """How the tokens column packs token ids: uint8, or little-endian uint16/uint32 (the data
+    set's dataset.json says which; a folder without one holds bytes)."""

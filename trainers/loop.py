@@ -63,7 +63,7 @@ def train_loop(plan: LaunchPlan) -> None:
         state = checkpointer.restore(source)
     model, optimizer = accelerator.prepare(model, optimizer)
     data = resolve(cfg.data.path)
-    val_tokens = read_all(data.fs, data.child("val").path)[1] if cfg.train.val_every else None
+    val_tokens = read_all(data.fs, data.child("val").path, plan.token_dtype)[1] if cfg.train.val_every else None
 
     # --- build the data stream from the cursor --------------------------------------------
     # Ray Data deals this rank its slices of the global order from the cursor on, read once
@@ -96,7 +96,7 @@ def train_loop(plan: LaunchPlan) -> None:
         if state.step == progress_initial:
             first_batch_s = time.time() - fetch_started
         audit.trained(state, batch["id"])
-        loss = _train_step(accelerator, model, optimizer, cfg, tokens_of(batch))
+        loss = _train_step(accelerator, model, optimizer, cfg, tokens_of(batch, plan.token_dtype))
         lr = scheduler.get_last_lr()[0]
         scheduler.step()
         state.step += 1
