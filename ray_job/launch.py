@@ -47,6 +47,10 @@ def init_ray(cfg: Config, verbose: bool = False) -> None:
     env = {} if verbose else {"RAY_DATA_LOG_LEVEL": "WARNING"}  # Ray Data's loggers, every process
     if "RAY_JOB_CONFIG_JSON_ENV_VAR" not in os.environ:  # a submitted job ships its working dir
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO_ROOT, os.environ.get("PYTHONPATH")]))
+    if os.environ.get("RAY_ADDRESS"):
+        # Train's PlacementGroupCleaner asks Ray's state API for "the" cluster: with two Ray
+        # instances on a machine it cannot tell which and its monitor thread dies loudly.
+        env["RAY_ADDRESS"] = os.environ["RAY_ADDRESS"]
     if gcs.emulator_host():  # workers must see the same GCS as the driver
         env[gcs.EMULATOR_HOST] = gcs.emulator_host()
     runtime_env = {"env_vars": env} if env else None
