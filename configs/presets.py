@@ -29,6 +29,8 @@ def production() -> Config:
     return Config(
         name="production",
         model=ModelSection(vocab_size=256, seq_len=1024, n_layer=12, n_head=12, d_model=768, dropout=0.1),
+        # Your own corpus, made by `python -m ray_job.prepare_data --out gs://...` (README: "Your own
+        # text"): its dataset.json must say seq_len 1024 and a vocab within model.vocab_size.
         data=DataSection(path="gs://my-training-data/corpus", prepare="none"),
         optim=OptimSection(lr=6e-4, weight_decay=0.1, warmup_steps=2000, decay_steps=100_000),
         train=TrainSection(max_steps=100_000, global_batch_size=256, grad_accum_steps=1,
