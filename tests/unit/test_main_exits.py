@@ -23,7 +23,7 @@ from storage.location import resolve
 def launch(monkeypatch, tmp_path):
     """main() with prepare() done and a stand-in for ray_job.launch; returns (fake, run path)."""
     run = resolve(str(tmp_path / "runs" / "test"))
-    plan = types.SimpleNamespace(launch_id="this-launch", resume=None)
+    plan = types.SimpleNamespace(launch_id="this-launch", resume=None, verbose=False)
     monkeypatch.setattr(train, "prepare", lambda argv: (load("test"), resolve(str(tmp_path / "runs")), run, plan))
     fake = types.ModuleType("ray_job.launch")
     fake.init_ray = lambda cfg: None
