@@ -26,7 +26,7 @@ def launch(monkeypatch, tmp_path):
     plan = types.SimpleNamespace(launch_id="this-launch", resume=None, verbose=False)
     monkeypatch.setattr(train, "prepare", lambda argv: (load("test"), resolve(str(tmp_path / "runs")), run, plan))
     fake = types.ModuleType("ray_job.launch")
-    fake.init_ray = lambda cfg: None
+    fake.init_ray = lambda cfg, **kw: None
     monkeypatch.setitem(sys.modules, "ray_job.launch", fake)
     monkeypatch.setattr(ray_job, "launch", fake, raising=False)
     return fake, tmp_path / "runs" / "test"
@@ -39,7 +39,7 @@ def _err_lines(capsys) -> list[str]:
 def test_ctrl_c_is_130_one_line_and_the_lease_released(launch, capsys):
     fake, run = launch
 
-    def fit(*a):
+    def fit(*a, **kw):
         assert json.loads((run / LEASE).read_text())["launch_id"] == "this-launch"
         raise KeyboardInterrupt
 
@@ -54,7 +54,7 @@ def test_ray_trains_own_ctrl_c_handler_exiting_is_130(launch, capsys):
     """During fit() Ray Train's SIGINT handler aborts the run and raises SystemExit (seen: 1)."""
     fake, run = launch
 
-    def fit(*a):
+    def fit(*a, **kw):
         raise SystemExit(1)
 
     fake.fit = fit
@@ -76,7 +76,7 @@ def test_ray_not_starting_is_1_one_line_and_the_lease_released(launch, capsys, m
     fake, run = launch
     monkeypatch.setenv("RAY_ADDRESS", "nonsense")
 
-    def init_ray(cfg):
+    def init_ray(cfg, **kw):
         raise ConnectionError("Could not find any running Ray instance.\nPlease start one")
 
     fake.init_ray = init_ray
@@ -88,7 +88,7 @@ def test_ray_not_starting_is_1_one_line_and_the_lease_released(launch, capsys, m
 
 def test_a_live_lease_refuses_with_exit_2_before_ray(launch, capsys):
     fake, run = launch
-    fake.init_ray = lambda cfg: pytest.fail("Ray must not start")
+    fake.init_ray = lambda cfg, **kw: pytest.fail("Ray must not start")
     os.makedirs(run)
     now = time.time()
     (run / LEASE).write_bytes(Holder("other", "elsewhere", 7, now, now, "w").to_bytes())
@@ -108,7 +108,7 @@ def test_a_lost_lease_stops_the_launch_with_exit_1(launch, capsys, monkeypatch):
     real = ownership.take_run
     monkeypatch.setattr(ownership, "take_run", lambda *a: taken.append(real(*a)) or taken[0])
 
-    def fit(*a):  # another launch takes the lease; the heartbeat finds out and stops this one
+    def fit(*a, **kw):  # another launch takes the lease; the heartbeat finds out and stops this one
         store = _LocalStore(str(run))
         raw, version = store.read()
         store.replace(Holder("thief", "h", 1, time.time(), time.time(), "x").to_bytes(), version)
