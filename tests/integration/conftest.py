@@ -42,7 +42,10 @@ def ray_cluster(tmp_path_factory):
     temp = tmp_path_factory.mktemp("ray")
     cmd = [str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
            "--num-cpus=4", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-           f"--dashboard-port={dash}", "--disable-usage-stats", f"--temp-dir={temp}"]
+           f"--dashboard-port={dash}", "--disable-usage-stats", f"--temp-dir={temp}",
+           # not the default 52365: another Ray on the machine holding it leaves this head
+           # without a job agent ("No available agent to submit job")
+           f"--dashboard-agent-listen-port={free_port()}"]
     subprocess.run(cmd, check=True, env=launcher.env(), capture_output=True, timeout=180)
     yield Cluster(f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}")
     stop_ray_under(temp)
