@@ -43,6 +43,7 @@ from storage.location import resolve
 from storage.names import CheckpointName
 from trainers import source as sources
 from trainers.launch_plan import LaunchPlan
+from trainers.logs import say as _say
 from trainers.state import TrainState
 
 
@@ -235,14 +236,6 @@ class Checkpointer:
             return Checkpoint(path=dest.path, filesystem=dest.fs)
 
         return upload
-
-
-def _say(message: str) -> None:
-    # Not print(): Ray Train patches print to log *and* tee to stdout, so lines showed twice.
-    import sys
-
-    sys.stdout.write(message + "\n")
-    sys.stdout.flush()
 
 
 def _read_json(path: str) -> dict:

@@ -4,6 +4,14 @@
 from __future__ import annotations
 
 import logging
+import sys
+
+
+def say(message: str) -> None:
+    """A line on stdout, in order with the progress bar. Not print(): Ray Train patches print
+    to log *and* tee to stdout, so lines showed twice."""
+    sys.stdout.write(message + "\n")
+    sys.stdout.flush()
 
 
 def quiet_ray(verbose: bool) -> None:

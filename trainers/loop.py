@@ -24,6 +24,7 @@ from trainers.data import EpochOrder, read_all
 from trainers.ingest import DataOrderError, check_batch, tokens_of
 from trainers.launch_plan import LaunchPlan
 from trainers.logs import quiet_ray
+from trainers.logs import say as _say
 from trainers.model import build_model
 from trainers.preemption import PreemptionWatch
 from trainers.schedule import lr_factor
@@ -136,12 +137,6 @@ def train_loop(plan: LaunchPlan) -> None:
         say(f"⏱️  Loop started at {loop_started:.3f}; {trained - 1} steps after the first at {rate:.3f} steps/s")
     say(f"🏁 Training finished at step {state.step}, epoch {state.epoch}; "
         f"best loss {state.best_loss:.4f}; progress started at step {progress_initial}")
-
-
-def _say(message: str) -> None:
-    # Not print(): Ray Train patches print to log *and* tee to stdout, so lines showed twice.
-    sys.stdout.write(message + "\n")
-    sys.stdout.flush()
 
 
 def _train_step(accelerator: Accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer,

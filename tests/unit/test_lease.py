@@ -113,29 +113,35 @@ def test_release_deletes_only_our_own_lease(run):
     assert b.acquire() is None  # the run is free again at once
 
 
+def _race(run, clock, names: list[str]) -> dict:
+    """Each name tries to acquire the run's lease at the same moment: name -> Lease or LeaseHeld."""
+    barrier = threading.Barrier(len(names))
+    outcomes: dict = {}
+
+    def take(name):
+        me = lease(run, name, clock)
+        barrier.wait()
+        try:
+            me.acquire()
+            outcomes[name] = me
+        except LeaseHeld as e:
+            outcomes[name] = e
+
+    threads = [threading.Thread(target=take, args=(name,)) for name in names]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return outcomes
+
+
 def test_two_takers_of_one_stale_lease_exactly_one_wins(run):
     for round_ in range(25):
         clock = Clock(1_000_000.0 + round_ * 10_000)
         dead = lease(run, "dead", clock)
         dead.acquire()
         clock.t += 500
-        barrier = threading.Barrier(3)
-        outcomes: dict = {}
-
-        def take(name):
-            me = lease(run, name, clock)
-            barrier.wait()
-            try:
-                me.acquire()
-                outcomes[name] = me
-            except LeaseHeld as e:
-                outcomes[name] = e
-
-        threads = [threading.Thread(target=take, args=(f"taker-{i}",)) for i in range(3)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        outcomes = _race(run, clock, [f"taker-{i}" for i in range(3)])
         winners = [o for o in outcomes.values() if isinstance(o, Lease)]
         losers = [o for o in outcomes.values() if isinstance(o, LeaseHeld)]
         assert len(winners) == 1 and len(losers) == 2, outcomes
@@ -148,23 +154,7 @@ def test_two_takers_of_one_stale_lease_exactly_one_wins(run):
 def test_two_starters_of_a_free_run_exactly_one_wins(run):
     for round_ in range(25):
         clock = Clock()
-        barrier = threading.Barrier(3)
-        outcomes: dict = {}
-
-        def take(name):
-            me = lease(run, name, clock)
-            barrier.wait()
-            try:
-                me.acquire()
-                outcomes[name] = me
-            except LeaseHeld as e:
-                outcomes[name] = e
-
-        threads = [threading.Thread(target=take, args=(f"s{round_}-{i}",)) for i in range(3)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        outcomes = _race(run, clock, [f"s{round_}-{i}" for i in range(3)])
         winners = [o for o in outcomes.values() if isinstance(o, Lease)]
         assert len(winners) == 1, outcomes
         assert winners[0].release()
