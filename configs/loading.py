@@ -33,6 +33,12 @@ def _coerce(value, annotation, key: str):
         value = float(value)
     elif hint is str:
         _require(isinstance(value, str), key, f"expected a string, got {value!r}")
+    elif hint == "tuple[str, ...]":  # a YAML list, or "A,B" from --set
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        _require(isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value), key,
+                 f"expected a list of names, got {value!r}")
+        value = tuple(value)
     return value
 
 

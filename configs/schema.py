@@ -75,6 +75,10 @@ class ModelSection:
     must import on every worker: ship it in the job's working dir or an installed package."""
     kwargs: dict = field(default_factory=dict)
     """Extra keyword arguments for the factory (JSON values); recorded in every checkpoint."""
+    shard_modules: tuple[str, ...] = ()
+    """train.strategy=fsdp: class names of the blocks sharded one by one (fully_shard each, then
+    the root), e.g. ["Block"]; empty: the children of every nn.ModuleList (a transformer's
+    layers). Each sharded block is gathered whole only while it computes."""
 
     def __post_init__(self):
         _require(isinstance(self.factory, str) and _FACTORY.fullmatch(self.factory) is not None,
@@ -86,6 +90,9 @@ class ModelSection:
         except (TypeError, ValueError) as e:
             raise ConfigError(f"model.kwargs: values must be JSON (numbers, strings, lists, "
                               f"mappings): {e}") from None
+        _require(isinstance(self.shard_modules, tuple)
+                 and all(isinstance(n, str) and n.isidentifier() for n in self.shard_modules),
+                 "model.shard_modules", f"{self.shard_modules!r} is not a list of class names")
         _require(self.d_model % self.n_head == 0, "model.d_model", "must be a multiple of model.n_head")
         _require(0.0 <= self.dropout < 1.0, "model.dropout", "must be in [0, 1)")  # nan fails too
         for name in ("vocab_size", "seq_len", "n_layer", "n_head", "d_model"):
@@ -156,7 +163,12 @@ class TrainSection:
     grad_accum_steps: int = 1
     """Micro-batches per optimizer step on each worker."""
     mixed_precision: str = "no"
-    """Accelerate mixed precision: 'no', 'bf16' or 'fp16'."""
+    """Mixed precision: 'no', 'bf16' or 'fp16' (Accelerate's autocast under ddp; under fsdp
+    bf16 is FSDP2's policy: bf16 compute, fp32 gradient reduction and master weights)."""
+    strategy: str = "ddp"
+    """'ddp': every worker holds the whole model, Accelerate's DistributedDataParallel, rank 0
+    writes each checkpoint. 'fsdp': FSDP2 shards weights, gradients and AdamW state over the
+    workers (models larger than one GPU) and every rank writes its own checkpoint shards."""
     seed: int = 1234
     """Seeds model init and each rank's dropout stream."""
     log_every: int = 1
@@ -172,6 +184,10 @@ class TrainSection:
         _require(self.grad_accum_steps > 0, "train.grad_accum_steps", "must be positive")
         _require(self.mixed_precision in ("no", "bf16", "fp16"), "train.mixed_precision",
                  "must be 'no', 'bf16' or 'fp16'")
+        _require(self.strategy in ("ddp", "fsdp"), "train.strategy", f"must be 'ddp' or 'fsdp', got {self.strategy!r}")
+        _require(not (self.strategy == "fsdp" and self.mixed_precision == "fp16"), "train.mixed_precision",
+                 "fp16 needs a gradient scaler, which sharded training here does not have; use bf16 "
+                 "with train.strategy=fsdp")
         _require(self.log_every > 0, "train.log_every", "must be positive")
         _require(self.val_every >= 0, "train.val_every", "must be >= 0")
         _require(self.val_every == 0 or self.val_batch_size > 0, "train.val_batch_size",

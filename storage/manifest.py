@@ -39,6 +39,8 @@ METRICS = "training_metrics.json"
 MODEL = "model.safetensors"
 OPTIMIZER = "optimizer.pt"
 SCHEDULER = "scheduler_state.pt"
+DCP_METADATA = ".metadata"  # a sharded checkpoint's DCP index (trainers/sharded.py)
+STRATEGIES = ("ddp", "fsdp")  # metadata.json "strategy": how the model and optimizer were written
 FORMAT_VERSION = 1
 CHUNK = 8 << 20  # bytes per read when hashing or copying
 
@@ -47,10 +49,12 @@ def rng_file(rank: int) -> str:
     return f"rng_state_rank{rank}.pt"
 
 
-def loaded_files(world_size: int) -> list[str]:
+def loaded_files(world_size: int, strategy: str = "ddp") -> list[str]:
     """Every file trainers/checkpointer.py reads back on resume: each must be in the manifest,
-    so that its size and hash are checked (an emptied manifest cannot switch the checks off)."""
-    return [MODEL, OPTIMIZER, SCHEDULER, METRICS] + [rng_file(r) for r in range(world_size)]
+    so that its size and hash are checked (an emptied manifest cannot switch the checks off).
+    fsdp: the DCP index; its shard files are each rank's ("shards", checked separately)."""
+    state = [DCP_METADATA] if strategy == "fsdp" else [MODEL, OPTIMIZER]
+    return state + [SCHEDULER, METRICS] + [rng_file(r) for r in range(world_size)]
 
 
 class CheckpointError(Exception):
@@ -109,8 +113,9 @@ def _digests(path: str) -> dict:
 
 # --- writing the manifest -----------------------------------------------------------------------
 
-def write_metadata(local_dir: str, metadata: dict) -> dict:
-    """Add the manifest of every file in local_dir to metadata and write metadata.json last."""
+def digest_folder(local_dir: str) -> dict:
+    """{relative name: {size, sha256, md5}} of every file in local_dir but metadata.json: what a
+    rank wrote, as the manifest lists it."""
     files = {}
     for root, _, names in os.walk(local_dir):
         for name in sorted(names):
@@ -119,7 +124,17 @@ def write_metadata(local_dir: str, metadata: dict) -> dict:
             if rel == METADATA or rel.endswith(".tmp"):
                 continue
             files[rel] = {"size": os.path.getsize(full), **_digests(full)}
-    metadata = {**metadata, "format_version": FORMAT_VERSION, "files": files}
+    return files
+
+
+def with_manifest(metadata: dict, files: dict) -> dict:
+    """metadata.json's content: the metadata, the format version and the file list."""
+    return {**metadata, "format_version": FORMAT_VERSION, "files": files}
+
+
+def write_metadata(local_dir: str, metadata: dict) -> dict:
+    """Add the manifest of every file in local_dir to metadata and write metadata.json last."""
+    metadata = with_manifest(metadata, digest_folder(local_dir))
     # A temp name of our own (never a fixed one another writer could share), then a rename:
     # this is the local snapshot, which a retry may write again, so replacing is intended here.
     fd, tmp = tempfile.mkstemp(dir=local_dir, prefix=f".{METADATA}.", suffix=".tmp")
@@ -239,9 +254,33 @@ def _metadata_problem(metadata: dict, folder: str) -> str | None:
     manifest = metadata["files"]
     if metadata["world_size"] > len(manifest):
         return f"world_size {metadata['world_size']} but only {len(manifest)} files are listed"
-    unlisted = [rel for rel in loaded_files(metadata["world_size"]) if rel not in manifest]
+    strategy = metadata.get("strategy", "ddp")  # checkpoints from before fsdp are ddp's
+    if strategy not in STRATEGIES:
+        return f"strategy is {_short(strategy)}, not one of {', '.join(STRATEGIES)}"
+    unlisted = [rel for rel in loaded_files(metadata["world_size"], strategy) if rel not in manifest]
     if unlisted:
-        return f"its file list lacks {', '.join(unlisted)} (every checkpoint has them)"
+        return f"its file list lacks {', '.join(unlisted)} (every {strategy} checkpoint has them)"
+    if strategy == "fsdp":
+        return _shards_problem(metadata.get("shards"), metadata["world_size"], manifest)
+    return None
+
+
+def _shards_problem(shards, world_size: int, manifest: dict) -> str | None:
+    """A sharded checkpoint names, for every rank, the files that rank wrote: a rank whose
+    shards never arrived leaves the checkpoint unusable, so each must be listed (and, like every
+    listed file, present)."""
+    if not isinstance(shards, dict):
+        return f"shards is {_short(shards)}, not {{rank: [files]}}"
+    for rank in range(world_size):
+        files = shards.get(str(rank))
+        if not (isinstance(files, list) and files and all(isinstance(f, str) for f in files)):
+            return f"shards lists no files for rank {rank} of {world_size}"
+        missing = [f for f in files if f not in manifest]
+        if missing:
+            return f"shards names {missing[0]!r} for rank {rank}, which the file list lacks"
+    extra = sorted(set(shards) - {str(r) for r in range(world_size)})
+    if extra:
+        return f"shards names rank {extra[0]!r}, outside world_size {world_size}"
     return None
 
 

@@ -31,6 +31,14 @@ def upload(local_dir: str, dest: Location) -> None:
     ``if_generation_match=0`` on GCS), so of two writers that both got past the first look,
     the second fails loudly at its commit instead of replacing the first's.
     """
+    upload_files(local_dir, dest)
+    with open(os.path.join(local_dir, METADATA), "rb") as f:
+        commit(dest, f.read())
+
+
+def upload_files(local_dir: str, dest: Location) -> None:
+    """Copy every file of local_dir but metadata.json into dest (one rank's part of a checkpoint;
+    the commit comes after every rank's). Refused where dest is already committed."""
     if exists(dest.fs, join(dest.path, METADATA)):
         raise CheckpointError(f"refusing to overwrite the existing checkpoint {dest.uri}")
     dest.fs.create_dir(dest.path, recursive=True)
@@ -44,18 +52,29 @@ def upload(local_dir: str, dest: Location) -> None:
             dest.fs.create_dir(join(dest.path, rel.rsplit("/", 1)[0]), recursive=True)
         pafs.copy_files(os.path.join(local_dir, rel), join(dest.path, rel),
                         source_filesystem=local, destination_filesystem=dest.fs, chunk_size=CHUNK)
-    # The commit marker, last, create-only.
-    with open(os.path.join(local_dir, METADATA), "rb") as f:
-        commit = f.read()
+
+
+def missing_or_wrong_size(dest: Location, files: dict) -> list[str]:
+    """Which of files ({rel: {size, ...}}) are not in dest with their size: one listing."""
+    found = {}
+    for info in dest.fs.get_file_info(pafs.FileSelector(dest.path, recursive=True, allow_not_found=True)):
+        if info.type == pafs.FileType.File:
+            found[info.path[len(dest.path.rstrip("/")) + 1:]] = info.size
+    return sorted(rel for rel, entry in files.items() if found.get(rel) != entry["size"])
+
+
+def commit(dest: Location, metadata_json: bytes) -> None:
+    """Write dest's metadata.json, the commit marker, create-only: CheckpointError if one is
+    there already (a checkpoint is never overwritten, not even by a racing second writer)."""
     final = join(dest.path, METADATA)
     try:
         if dest.is_gcs:
-            gcs.write_create_only(final, commit)
+            gcs.write_create_only(final, metadata_json)
             return
         # Never a fixed temp name: two writers of one checkpoint must not share (or move) it.
         tmp = join(dest.path, f"{METADATA}.{uuid.uuid4().hex}.tmp")
         with dest.fs.open_output_stream(tmp) as out:
-            out.write(commit)
+            out.write(metadata_json)
         try:
             if dest.is_local:
                 link_create_only(tmp, final)
@@ -114,25 +133,32 @@ def fetch(loc: Location, scratch_dir: str, wanted: Callable[[str], bool] = lambd
     result = check(loc)
     if not result.ok:
         raise CheckpointError(f"checkpoint {loc.uri} is {result.status.value}: {result.reason}")
-    manifest = {rel: v for rel, v in result.metadata["files"].items() if wanted(rel)}
-    if loc.is_local:
-        local = loc.path
-    else:
-        local = scratch_dir
+    manifest = result.metadata["files"]
+    local = loc.path if loc.is_local else scratch_dir
+    fetch_files(loc, local, sorted(rel for rel in manifest if wanted(rel)), manifest, verify)
+    if not loc.is_local:
+        fetch_files(loc, local, [METADATA], {}, verify=False)
+    return local
+
+
+def fetch_files(loc: Location, local: str, rels: list[str], manifest: dict, verify: bool = True) -> None:
+    """Bring rels of the checkpoint at loc into local (a download, unless loc is local and read in
+    place) and check each one's sha256 against manifest (verify). What a sharded resume calls
+    once it knows which shard files this rank's part of the state lives in."""
+    if not loc.is_local:
         os.makedirs(local, exist_ok=True)
-        for rel in sorted(manifest) + [METADATA]:
+        for rel in rels:
             target = _inside(local, rel, loc)
             os.makedirs(os.path.dirname(target), exist_ok=True)
             with loc.fs.open_input_stream(join(loc.path, rel)) as src, open(target, "wb") as out:
                 shutil.copyfileobj(src, out, CHUNK)
-    for rel, expected in sorted(manifest.items()) if verify else []:
+    for rel in rels if verify else []:
         actual = sha256_file(os.path.join(local, rel))
-        if actual != expected["sha256"]:
+        if actual != manifest[rel]["sha256"]:
             raise CheckpointError(
                 f"checkpoint {loc.uri} is corrupt: {rel} has sha256 {actual[:12]}..., "
-                f"metadata.json says {expected['sha256'][:12]}...; resume from another checkpoint"
+                f"metadata.json says {manifest[rel]['sha256'][:12]}...; resume from another checkpoint"
             )
-    return local
 
 
 def _inside(folder: str, rel: str, loc: Location) -> str:

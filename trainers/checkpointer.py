@@ -1,13 +1,18 @@
 """Checkpointing on the workers, in one place: which checkpoint an attempt starts from, restoring
-it, saving one (local snapshot, Ray report, background upload, commit, retention).
+it, saving one (stage in memory, Ray report, background write and upload; the commit follows on
+Ray Train's controller, ray_job/commit.py).
 
-What a checkpoint holds, one mapping of stateful parts (as torchtitan's CheckpointManager):
+What a checkpoint holds, one mapping of stateful parts (as torchtitan's CheckpointManager). The
+strategy (trainers/parallel.py) decides how the model and optimizer are written, not what a
+checkpoint is:
 
     ======================  ===========================================  ==================
     file                    what                                         loaded with
     ======================  ===========================================  ==================
-    model.safetensors       model weights (unwrapped)                    safetensors
-    optimizer.pt            AdamW state                                  torch weights_only
+    model.safetensors       ddp: model weights (rank 0 writes)           safetensors
+    optimizer.pt            ddp: AdamW state (rank 0 writes)             torch weights_only
+    .metadata               fsdp: DCP's index of every rank's shards     allow-listed unpickler
+    __{r}_0.distcp          fsdp: rank r's shards of model and AdamW     torch weights_only
     scheduler_state.pt      LR scheduler state                           torch weights_only
     rng_state_rank{r}.pt    torch / numpy / python RNG of rank r         torch weights_only
     training_metrics.json   loss, LR and validation histories, resumes   json
@@ -16,19 +21,25 @@ What a checkpoint holds, one mapping of stateful parts (as torchtitan's Checkpoi
 
 Nothing is unpickled on load: a checkpoint from a stranger cannot run code. The file names are
 storage/manifest.py's: its completeness check requires every file loaded here.
+
+A save blocks training only to stage the state in CPU memory (a copy); serializing, hashing and
+uploading run in Ray's upload thread. One staged copy at a time: a save waits for the previous
+one to be written to local disk before it stages (bounded memory: one extra copy of this rank's
+share of model and AdamW state).
 """
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import os
 import random
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict
 
 import numpy as np
 import ray
@@ -37,58 +48,96 @@ import torch
 import torch.distributed as dist
 from ray.train import Checkpoint, CheckpointUploadMode
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-from storage import manifest, retention, transfer
+from storage import manifest, transfer
 from storage.location import resolve
 from storage.names import CheckpointName
+from trainers import sharded
 from trainers import source as sources
 from trainers.launch_plan import LaunchPlan
 from trainers.logs import say as _say
 from trainers.state import TrainState
 
 
-class _Weights:
-    """The model's weights as safetensors (no pickle)."""
+class _Full:
+    """ddp: rank 0 writes the whole model (safetensors) and optimizer (torch.save of tensors
+    and numbers), index-keyed as AdamW's own state_dict."""
 
-    def __init__(self, model: torch.nn.Module):
-        self.model = model
+    writers = frozenset([0])
 
-    def save(self, path: str) -> None:
-        save_file({k: v.detach().to("cpu").contiguous() for k, v in self.model.state_dict().items()}, path)
+    def __init__(self, model, optimizer, group):
+        self.model, self.optimizer = model, optimizer
 
-    def load(self, path: str) -> None:
-        self.model.load_state_dict(load_file(path))
+    def stage(self) -> dict:
+        return sharded.stage({"model": self.model.state_dict(), "optim": self.optimizer.state_dict()})
+
+    def write(self, staged: dict, folder: str) -> None:
+        save_file({k: v.contiguous() for k, v in staged["model"].items()}, os.path.join(folder, manifest.MODEL))
+        torch.save(staged["optim"], os.path.join(folder, manifest.OPTIMIZER))
 
 
-class _TorchState:
-    """Anything with state_dict()/load_state_dict() of tensors and numbers (weights_only)."""
+class _Sharded:
+    """fsdp: every rank writes its own shards of model and AdamW state through DCP, keyed by
+    parameter name; rank 0 adds .metadata after every rank's data."""
 
-    def __init__(self, obj):
-        self.obj = obj
+    def __init__(self, model, optimizer, group):
+        self.model, self.optimizer, self.group = model, optimizer, group
+        self.writers = frozenset(range(dist.get_world_size()))
 
-    def save(self, path: str) -> None:
-        torch.save(self.obj.state_dict(), path)
+    def stage(self) -> dict:
+        msd, osd = get_state_dict(self.model, self.optimizer)
+        return sharded.stage({"model": msd, "optim": osd})
 
-    def load(self, path: str) -> None:
-        self.obj.load_state_dict(torch.load(path, weights_only=True))
+    def write(self, staged: dict, folder: str) -> None:
+        sharded.save(staged, folder, self.group)  # collective over self.group: every rank at once
+
+
+def _by_name(optim_state: dict, names: list[str]) -> dict:
+    """An optimizer state_dict keyed by parameter index (optimizer.pt) -> keyed by parameter name
+    (what set_state_dict takes): index i is the i-th of model.named_parameters()."""
+    return {"state": {names[i]: s for i, s in optim_state["state"].items()},
+            "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in optim_state["param_groups"]]}
+
+
+class _Pending:
+    """One checkpoint staged in memory until the upload thread has written it to local disk."""
+
+    def __init__(self, fmt, staged: dict | None, small: dict[str, bytes]):
+        self.fmt, self.staged, self.small = fmt, staged, small
+        self.written = threading.Event()
+
+    def write(self, folder: str) -> None:
+        if self.written.is_set():
+            return  # written already (Ray retries an upload that failed afterwards)
+        try:
+            if self.staged is not None:
+                self.fmt.write(self.staged, folder)
+            for rel, data in self.small.items():
+                with open(os.path.join(folder, rel), "wb") as f:
+                    f.write(data)
+        finally:
+            self.release()
+
+    def release(self) -> None:
+        self.staged, self.small = None, {}
+        self.written.set()
 
 
 class Checkpointer:
-    def __init__(self, plan: LaunchPlan, model: torch.nn.Module, optimizer, scheduler, rank: int,
-                 world: int, say: Callable[[str], None]):
+    def __init__(self, plan: LaunchPlan, strategy, scheduler, rank: int, world: int,
+                 say: Callable[[str], None]):
         self.plan, self.cfg = plan, plan.config
         self.rank, self.world, self.say = rank, world, say
-        self.model = model  # unwrapped: saved and loaded without DDP's prefixes
+        self.strategy = strategy
+        self.model, self.optimizer = strategy.model, strategy.optimizer  # unwrapped: no DDP prefixes
         self.scheduler = scheduler
-        self.states = {manifest.MODEL: _Weights(model), manifest.OPTIMIZER: _TorchState(optimizer),
-                       manifest.SCHEDULER: _TorchState(scheduler)}
+        # DCP's collectives run in the upload thread: a gloo group of their own, never FSDP's.
+        group = sharded.new_group() if strategy.sharded else None
+        self.format = (_Sharded if strategy.sharded else _Full)(self.model, self.optimizer, group)
         self.run = resolve(plan.run_uri)
         self.progress_initial = 0
-        resumed = plan.resume
-        self.retention = retention.Policy(
-            keep_last=self.cfg.checkpoint.keep_last, keep_best=self.cfg.checkpoint.keep_best,
-            protect=frozenset([resumed.name]) if resumed and resumed.uri.startswith(plan.run_uri) else frozenset(),
-        )
+        self.in_flight: _Pending | None = None
 
     # --- which checkpoint ------------------------------------------------------------------
 
@@ -111,21 +160,30 @@ class Checkpointer:
             say("📥 Downloading checkpoint from GCS...")
         scratch = tempfile.mkdtemp(prefix="resume-")
         try:
-            # Each rank downloads what it loads: everything but the other ranks' RNG states.
-            # Hashes: the driver verified --resume (a local one is loaded as it stands); a
-            # download, or a retry's own checkpoint, is verified here.
-            folder = transfer.fetch(source.loc, scratch, wanted=self._wanted,
-                                    verify=source.retry or source.loc.is_gcs)
-            fetched = time.time()
+            # Each rank downloads what it loads: not the other ranks' RNG states, and of a sharded
+            # checkpoint only the shard files its part of the state lives in (fetched when DCP
+            # has planned the read). Hashes: the driver verified --resume (a local one is loaded
+            # as it stands); a download, or a retry's own checkpoint, is verified here.
+            verify = source.retry or source.loc.is_gcs
+            folder = transfer.fetch(source.loc, scratch, wanted=self._wanted, verify=verify)
             metadata = _read_json(os.path.join(folder, manifest.METADATA))
-            for file, part in self.states.items():
-                part.load(os.path.join(folder, file))
+            files = metadata["files"]
+
+            def fetch_shards(rels: list[str]) -> None:
+                transfer.fetch_files(source.loc, folder, rels, files, verify)
+
+            fetched = time.time()
+            self._load_model_and_optimizer(folder, metadata, fetch_shards)
+            self.scheduler.load_state_dict(torch.load(os.path.join(folder, manifest.SCHEDULER), weights_only=True))
             rng = os.path.join(folder, manifest.rng_file(self.rank))
             if metadata["world_size"] == self.world and os.path.exists(rng):
                 _restore_rng(rng)
             else:
                 say(f"⚠️  Checkpoint was written by {metadata['world_size']} workers, this run has "
-                    f"{self.world}: data order and cursor carry over; dropout streams start fresh")
+                    f"{self.world}: data order and cursor carry over; dropout streams start fresh; the state "
+                    f"loads exactly ({'resharded' if self.strategy.sharded else 'whole'}), the steps after it "
+                    f"are close to, not bitwise equal to, a run on {metadata['world_size']} workers "
+                    "(reductions split differently)")
             state = TrainState.from_checkpoint(metadata, _read_json(os.path.join(folder, manifest.METRICS)))
         finally:
             shutil.rmtree(scratch, ignore_errors=True)  # a downloaded copy; a local one stays put
@@ -147,95 +205,142 @@ class Checkpointer:
             f"(fetch {fetched - started:.2f}s, state load {time.time() - fetched:.2f}s)")
         return state
 
+    def _load_model_and_optimizer(self, folder: str, metadata: dict, fetch_shards: Callable) -> None:
+        """Into this run's model and optimizer, whichever strategy wrote the checkpoint: a sharded
+        one through DCP (it reshards to this world size and to plain tensors alike); a whole one
+        directly (ddp) or spread over the shards (fsdp)."""
+        written_by, ours = metadata.get("strategy", "ddp"), self.strategy.name
+        if written_by != ours:
+            self.say(f"🔀 {metadata['name'] if 'name' in metadata else 'The checkpoint'} was written under "
+                     f"{written_by}; loading it into {ours}")
+        if written_by == "fsdp":
+            msd, osd = get_state_dict(self.model, self.optimizer)
+            state = {"model": msd, "optim": osd}
+            try:
+                sharded.load(state, folder, allowed=set(metadata["files"]), before_read=fetch_shards)
+            except sharded.UnsafeCheckpoint as e:
+                raise manifest.CheckpointError(f"checkpoint {metadata.get('name')} refused: {e}; nothing "
+                                               "of it was run") from None
+            set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
+                           optim_state_dict=state["optim"])
+            return
+        weights = load_file(os.path.join(folder, manifest.MODEL))
+        optim = torch.load(os.path.join(folder, manifest.OPTIMIZER), weights_only=True)
+        if not self.strategy.sharded:
+            self.model.load_state_dict(weights)
+            self.optimizer.load_state_dict(optim)
+            return
+        names = [n for n, _ in self.model.named_parameters()]  # FSDP2 keeps the parameter names
+        set_state_dict(self.model, self.optimizer, model_state_dict=weights,
+                       optim_state_dict=_by_name(optim, names),
+                       options=StateDictOptions(full_state_dict=True))
+
     def _wanted(self, rel: str) -> bool:
+        if rel.endswith(".distcp"):
+            return False  # fetched once DCP knows which this rank reads
         return not rel.startswith("rng_state_rank") or rel == manifest.rng_file(self.rank)
 
     # --- save ------------------------------------------------------------------------------
 
     def save(self, state: TrainState, files_done: int, preempted: bool = False) -> None:
-        """Every rank calls this at the same step (a collective): rank 0 writes the snapshot
-        and reports it; Ray uploads it in the background through _upload."""
+        """Every rank calls this at the same step (a collective). The writers (rank 0 under ddp,
+        every rank under fsdp) stage their state in memory and report it; Ray's upload thread
+        writes, hashes and uploads it (_upload_fn), and the controller commits it once every
+        writer's files are in storage (ray_job/commit.py)."""
         name = CheckpointName(epoch=state.epoch, step=state.step, files=files_done)
         started = time.time()
+        if self.in_flight is not None:  # one staged copy at a time (bounded memory)
+            self.in_flight.written.wait()
+        waited = time.time() - started
         blobs = [None] * self.world
         if self.world > 1:
             dist.all_gather_object(blobs, _capture_rng())
         else:
             blobs = [_capture_rng()]
+        writes = self.rank in self.format.writers
+        staged = self.format.stage() if writes else None
         last_val = state.val_history[-1] if state.val_history else None
         metrics = {
             "step": state.step, "epoch": state.epoch,
             "loss": state.loss_history[-1][1] if state.loss_history else None,
             "val_loss": last_val[1] if last_val else None,
             "best_loss": state.best_loss, "progress_initial": self.progress_initial,
-            "checkpoint": str(name),
+            "checkpoint": str(name), "rank": self.rank, "world_size": self.world,
         }
+        small: dict[str, bytes] = {}
+        if self.rank == 0:
+            buf = io.BytesIO()
+            torch.save(copy.deepcopy(self.scheduler.state_dict()), buf)
+            small[manifest.SCHEDULER] = buf.getvalue()
+            small[manifest.METRICS] = json.dumps(state.metrics_dict()).encode()
+            small.update({manifest.rng_file(r): blob for r, blob in enumerate(blobs)})
+            metrics["commit"] = {  # the controller adds config, data index and manifest
+                "name": str(name), "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "files_processed": name.files, "train_loss": metrics["loss"],
+                "val_loss": last_val[1] if last_val and last_val[0] == state.step else None,
+                "versions": {"torch": torch.__version__, "ray": ray.__version__},
+                "preempted": preempted,  # saved because Ray announced a node's preemption
+                **state.progress_dict(),
+            }
         mode = (CheckpointUploadMode.ASYNC if self.cfg.checkpoint.upload == "async"
                 else CheckpointUploadMode.SYNC)
-        if self.rank != 0:
+        if not writes:
             ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=str(name),
                              checkpoint_upload_mode=mode)
             return
-        folder = tempfile.mkdtemp(prefix=f"{name}-")  # must outlive report(): the upload is async
-        try:
-            for file, part in self.states.items():
-                part.save(os.path.join(folder, file))
-            for rank, blob in enumerate(blobs):
-                with open(os.path.join(folder, manifest.rng_file(rank)), "wb") as f:
-                    f.write(blob)
-            with open(os.path.join(folder, manifest.METRICS), "w") as f:
-                json.dump(state.metrics_dict(), f)
-        except BaseException:
-            shutil.rmtree(folder, ignore_errors=True)
-            raise
-        to_commit = {
-            "name": str(name), "run_name": self.cfg.run_name, "launch_id": self.plan.launch_id,
-            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "files_processed": name.files, "world_size": self.world,
-            "global_batch_size": self.cfg.train.global_batch_size, "config": asdict(self.cfg),
-            "data_index": self.plan.data_index.to_json(),
-            "resumed_from": asdict(self.plan.resume) if self.plan.resume else None,
-            "train_loss": metrics["loss"],
-            "val_loss": last_val[1] if last_val and last_val[0] == state.step else None,
-            "versions": {"torch": torch.__version__, "ray": ray.__version__},
-            "preempted": preempted,  # saved because Ray announced a node's preemption
-            **state.progress_dict(),
-        }
-        size_mb = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder)) / 2**20
-        self.say(f"\n💾 Saved {name} locally in {time.time() - started:.2f}s (Checkpoint size "
-                 f"{size_mb:.1f} MB); uploading "
-                 f"{'in the background' if mode is CheckpointUploadMode.ASYNC else 'now'}")
+        pending = self.in_flight = _Pending(self.format, staged, small)
+        staged_mb = sum(v.numel() * v.element_size() for v in _tensors(staged)) / 2**20
+        self.say(f"\n💾 Staged {name} in memory in {time.time() - started:.2f}s ({staged_mb:.1f} MB on "
+                 f"rank 0{', waited ' + format(waited, '.2f') + 's for the previous one' if waited > 0.01 else ''}); "
+                 f"writing and uploading {'in the background' if mode is CheckpointUploadMode.ASYNC else 'now'}")
+        folder = tempfile.mkdtemp(prefix=f"{name}-rank{self.rank}-")  # must outlive report(): async upload
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder),
                          checkpoint_dir_name=str(name), checkpoint_upload_mode=mode,
                          delete_local_checkpoint_after_upload=True,
-                         checkpoint_upload_fn=self._upload_fn(to_commit))
+                         checkpoint_upload_fn=self._upload_fn(pending, metrics))
         self.say(f"⏱️  Training blocked {time.time() - started:.3f}s for {name} ({mode.value.lower()} upload)")
 
-    def _upload_fn(self, to_commit: dict):
-        launch_id, run, policy = self.plan.launch_id, self.run, self.retention
+    def _upload_fn(self, pending: _Pending, metrics: dict):
+        launch_id, run, rank = self.plan.launch_id, self.run, self.rank
 
         def upload(checkpoint: Checkpoint, dir_name: str) -> Checkpoint:
-            """Runs in Ray's upload thread: hash, copy the data files, metadata.json last,
-            then retention (one rank deletes: this one)."""
-            dest = run.child(dir_name)
+            """Runs in Ray's upload thread: write the staged state, hash it, copy it into the
+            named folder. This rank's file list goes back in its metrics: Ray hands the same
+            dict to the controller after this returns (train/v2 context.py _upload_checkpoint),
+            where ray_job/commit.py writes metadata.json from every writer's lists."""
             started = time.time()
+            dest = run.child(dir_name)
             try:
+                pending.write(checkpoint.path)  # under fsdp a collective: every rank writes at once
+                written = time.time()
+                files = manifest.digest_folder(checkpoint.path)
                 existing = manifest.check(dest)
                 if existing.ok and existing.metadata.get("launch_id") == launch_id:
                     # A retry regenerated a checkpoint this launch already wrote: same state, keep it.
-                    _say(f"☁️  {dir_name} is already in storage from this run; keeping it")
-                    return Checkpoint(path=dest.path, filesystem=dest.fs)
-                manifest.write_metadata(checkpoint.path, to_commit)  # hashes: here, off the training thread
-                transfer.upload(checkpoint.path, dest)
+                    if rank == 0:
+                        _say(f"☁️  {dir_name} is already in storage from this run; keeping it")
+                else:
+                    transfer.upload_files(checkpoint.path, dest)
             except BaseException:
+                pending.release()  # never leave the training thread waiting on it
                 shutil.rmtree(checkpoint.path, ignore_errors=True)  # Ray deletes it only on success
                 raise
-            _say(f"☁️  Uploaded {dir_name} to {dest.uri} in {time.time() - started:.2f}s")
-            for name in retention.apply(run, policy, log=_say):
-                _say(f"🧹 Retention deleted {name}")
+            metrics["files"] = files
+            metrics["write_s"], metrics["upload_s"] = written - started, time.time() - written
             return Checkpoint(path=dest.path, filesystem=dest.fs)
 
         return upload
+
+
+def _tensors(tree):
+    if isinstance(tree, torch.Tensor):
+        yield tree.to_local() if hasattr(tree, "to_local") else tree
+    elif isinstance(tree, dict):
+        for v in tree.values():
+            yield from _tensors(v)
+    elif isinstance(tree, (list, tuple)):
+        for v in tree:
+            yield from _tensors(v)
 
 
 def _read_json(path: str) -> dict:

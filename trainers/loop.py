@@ -1,6 +1,6 @@
 """The train loop each Ray worker runs. Reads like the guide:
 
-set up Accelerate -> restore (if any) -> build the data stream from the cursor ->
+set up the strategy (ddp or fsdp) -> restore (if any) -> build the data stream from the cursor ->
 for each step: train, log, validate, checkpoint -> finish.
 """
 
@@ -13,11 +13,11 @@ import time
 import numpy as np
 import ray.train
 import torch
-from accelerate import Accelerator
 from tqdm import tqdm
 
 from configs.schema import Config
 from storage.location import resolve
+from trainers import parallel
 from trainers.audit import Audit
 from trainers.checkpointer import Checkpointer, seed_rank
 from trainers.data import EpochOrder, read_all
@@ -39,30 +39,27 @@ def train_loop(plan: LaunchPlan) -> None:
     say = _say if rank == 0 else (lambda *a, **k: None)
     quiet_ray(plan.verbose)
 
-    # --- set up Accelerate, the model, the optimizer and the schedule -------------------
+    # --- set up the strategy (Accelerate's DDP, or FSDP2), the model, the optimizer, the schedule
     if cfg.scaling.use_gpu:  # exact resume on GPU needs deterministic kernels (cuBLAS included)
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
-    accelerator = Accelerator(
-        cpu=not cfg.scaling.use_gpu,
-        mixed_precision=cfg.train.mixed_precision,
-        gradient_accumulation_steps=cfg.train.grad_accum_steps,
-    )
-    torch.manual_seed(cfg.train.seed)  # identical init on every rank
-    model = build_model(cfg.model)  # model.factory: the built-in GPT unless the user brings one
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr,
-                                  weight_decay=cfg.optim.weight_decay)
+    strategy = parallel.make(cfg, world)  # train.strategy: ddp or fsdp (trainers/parallel.py)
+    torch.manual_seed(cfg.train.seed)  # identical init on every rank (fsdp then keeps its shard)
+    model, optimizer = strategy.build(build_model(cfg.model))  # model.factory: the GPT by default
     # Stepped by us, not prepared: Accelerate's scheduler wrapper steps once per process.
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg))
     seed_rank(cfg.train.seed, rank)
-    checkpointer = Checkpointer(plan, model, optimizer, scheduler, rank, world, say)
+    checkpointer = Checkpointer(plan, strategy, scheduler, rank, world, say)
+    if strategy.sharded:
+        say(f"🧩 fsdp: {strategy.blocks} blocks and the root sharded over {world} workers; every rank "
+            "writes its own checkpoint shards")
 
     # --- restore ------------------------------------------------------------------------
     state = TrainState()
     source = checkpointer.choose_source()  # the train dataset was built from the same choice
     if source is not None:
         state = checkpointer.restore(source)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    strategy.prepare()  # ddp: Accelerate wraps the restored model and optimizer
     data = resolve(cfg.data.path)
     val_tokens = read_all(data.fs, data.child("val").path, plan.token_dtype)[1] if cfg.train.val_every else None
 
@@ -97,7 +94,7 @@ def train_loop(plan: LaunchPlan) -> None:
         if state.step == progress_initial:
             first_batch_s = time.time() - fetch_started
         audit.trained(state, batch["id"])
-        loss = _train_step(accelerator, model, optimizer, cfg, tokens_of(batch, plan.token_dtype))
+        loss = strategy.step(tokens_of(batch, plan.token_dtype))
         lr = scheduler.get_last_lr()[0]
         scheduler.step()
         state.step += 1
@@ -106,7 +103,7 @@ def train_loop(plan: LaunchPlan) -> None:
             state.epoch, state.samples_in_epoch = state.epoch + 1, 0
             order = EpochOrder.make(plan.data_index, cfg.data.shuffle_seed, state.epoch)
 
-        mean_loss = accelerator.reduce(loss.detach().float(), "mean").item()
+        mean_loss = strategy.reduce(loss.detach().float(), "mean").item()
         state.best_loss = min(state.best_loss, mean_loss)
         if state.step % cfg.train.log_every == 0:
             state.loss_history.append([state.step, mean_loss])
@@ -115,12 +112,16 @@ def train_loop(plan: LaunchPlan) -> None:
             first_step_at = time.time()
             say(f"⏱️  First step done at {first_step_at:.3f} (first batch read in {first_batch_s:.3f}s; "
                 f"loop started at {loop_started:.3f})")
+            held = strategy.state_bytes()
+            say(f"💽 Training state on rank 0 ({strategy.name}, {world} workers): params "
+                f"{held['params'] / 2**20:.2f} MB, grads {held['grads'] / 2**20:.2f} MB, AdamW "
+                f"{held['optimizer'] / 2**20:.2f} MB")
         bar.update(1)
         bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", refresh=False)
 
         last = state.step == max_steps
         if cfg.train.val_every and (state.step % cfg.train.val_every == 0 or last):
-            val_loss = _validate(accelerator, model, val_tokens, cfg, rank, world)
+            val_loss = _validate(strategy, val_tokens, cfg, rank, world)
             state.val_history.append([state.step, val_loss])
             state.best_val_loss = min(state.best_val_loss, val_loss)
         notice = preemption.notice(state.step)
@@ -139,35 +140,24 @@ def train_loop(plan: LaunchPlan) -> None:
         f"best loss {state.best_loss:.4f}; progress started at step {progress_initial}")
 
 
-def _train_step(accelerator: Accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                cfg: Config, tokens: np.ndarray) -> torch.Tensor:
-    """One optimizer step over this rank's slice, in grad_accum_steps micro-batches."""
-    accum = cfg.train.grad_accum_steps
-    batch = torch.from_numpy(tokens.astype(np.int64)).to(accelerator.device)
-    total = torch.zeros((), device=accelerator.device)
-    for micro in torch.chunk(batch, accum):
-        with accelerator.accumulate(model):
-            loss = model(micro[:, :-1], micro[:, 1:])
-            accelerator.backward(loss)
-            if accelerator.sync_gradients and cfg.optim.grad_clip > 0:
-                accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        total += loss.detach() / accum
-    return total
-
-
 @torch.no_grad()
-def _validate(accelerator: Accelerator, model: torch.nn.Module, val_tokens: np.ndarray, cfg: Config,
-              rank: int, world: int) -> float:
+def _validate(strategy, val_tokens: np.ndarray, cfg: Config, rank: int, world: int) -> float:
+    model = strategy.eval_model()
     model.eval()
-    device, bs = accelerator.device, cfg.train.val_batch_size
+    device, bs = strategy.device, cfg.train.val_batch_size
     sums = torch.zeros(2, device=device)  # loss x samples, samples
     starts = list(range(0, len(val_tokens), bs))
-    for lo in starts[rank::world]:  # each rank a share; the sum is the same on every rank
+    # Each rank a share; the sum is the same on every rank. Under fsdp every forward is a
+    # collective (each block is all-gathered), so every rank runs as many: a rank past the end
+    # repeats the first batch and counts nothing.
+    rounds = -(-len(starts) // world) if strategy.sharded else len(starts[rank::world])
+    for i in range(rounds):
+        j = i * world + rank
+        lo = starts[j] if j < len(starts) else 0
         batch = torch.from_numpy(val_tokens[lo:lo + bs].astype(np.int64)).to(device)
-        loss = accelerator.unwrap_model(model)(batch[:, :-1], batch[:, 1:])
-        sums += torch.stack([loss.float() * len(batch), torch.tensor(float(len(batch)), device=device)])
-    sums = accelerator.reduce(sums, "sum")
+        loss = model(batch[:, :-1], batch[:, 1:])
+        if j < len(starts):
+            sums += torch.stack([loss.float() * len(batch), torch.tensor(float(len(batch)), device=device)])
+    sums = strategy.reduce(sums, "sum")
     model.train()
     return (sums[0] / sums[1]).item()

@@ -1,0 +1,253 @@
+"""Sharded state: FSDP2 (`fully_shard`) for the model, torch.distributed.checkpoint (DCP) for
+its checkpoints, and the one safe way to read a DCP folder.
+
+A sharded checkpoint is DCP's layout inside the named checkpoint folder: ``.metadata`` (the
+global index, written by rank 0 after every rank's data) and one ``__{rank}_0.distcp`` per
+rank, holding the keys ``model.*`` (weights) and ``optim.*`` (AdamW state and param_groups),
+keyed by parameter name, so any worker count can read them back (DCP reshards).
+
+Stock DCP unpickles twice on load: ``FileSystemReader.read_metadata`` (``pickle.load`` of
+``.metadata``) and ``DefaultLoadPlanner.load_bytes`` (``torch.load(weights_only=False)`` of every
+non-tensor item, e.g. AdamW's param_groups). ``SafeReader`` reads ``.metadata`` through an
+Unpickler that admits only DCP's own metadata classes, refuses transforms and files outside the
+checkpoint's manifest; ``SafePlanner`` loads bytes items with ``weights_only=True``. A
+stranger's checkpoint runs no code. (torch's weights-only unpickler cannot read ``.metadata``:
+protocol 4's FRAME opcode; see ../shared/research/fsdp-dcp.md.)
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import torch.nn as nn
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint import metadata as dcp_metadata
+from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.filesystem import _StorageInfo
+
+DCP_METADATA = ".metadata"
+
+
+def shard_file(rank: int) -> str:
+    """What FileSystemWriter names rank r's data (one file per rank: thread_count=1)."""
+    return f"__{rank}_0.distcp"
+
+
+class UnsafeCheckpoint(Exception):
+    """A DCP file asks for something the allow-list does not admit: nothing of it ran."""
+
+
+# --- FSDP2 -------------------------------------------------------------------------------------
+
+def blocks_to_shard(model: nn.Module, class_names: tuple[str, ...] = ()) -> list[nn.Module]:
+    """The modules fully_shard wraps one by one before the root: instances of the classes named
+    in model.shard_modules, else every nn.ModuleList's children (a transformer's blocks).
+    Outermost first; a module inside one already chosen is not chosen again."""
+    chosen: list[nn.Module] = []
+    inside: set[int] = set()
+    for _, module in model.named_modules():
+        if id(module) in inside:
+            continue
+        picked = (type(module).__name__ in class_names if class_names
+                  else any(module is child for lst in model.modules() if isinstance(lst, nn.ModuleList)
+                           for child in lst))
+        if picked and module is not model:
+            chosen.append(module)
+            inside.update(id(m) for m in module.modules())
+    return chosen
+
+
+def shard(model: nn.Module, class_names: tuple[str, ...] = (), bf16: bool = False) -> tuple[nn.Module, int]:
+    """fully_shard each block, then the root, on the default process group (Ray Train's: gloo on
+    CPU, NCCL on GPU). bf16: compute in bf16, reduce gradients and keep master weights in fp32.
+    Returns the model and how many blocks were sharded on their own."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16
+              else MixedPrecisionPolicy())
+    blocks = blocks_to_shard(model, class_names)
+    for block in blocks:
+        fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    return model, len(blocks)
+
+
+def local_bytes(tensors) -> int:
+    """Bytes this rank holds for these tensors (a DTensor counts its local shard only)."""
+    total = 0
+    for t in tensors:
+        if t is None:
+            continue
+        local = t.to_local() if hasattr(t, "to_local") else t
+        total += local.numel() * local.element_size()
+    return total
+
+
+# --- safe reading ------------------------------------------------------------------------------
+
+# Every global a torch 2.13 FileSystemWriter's .metadata refers to (recorded with a logging
+# find_class); anything else is refused before it is looked up.
+_ALLOWED = {
+    "torch.distributed.checkpoint.metadata": {
+        "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
+        "TensorProperties", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING",
+    },
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch": {"Size"} | {name for name in dir(torch) if isinstance(getattr(torch, name, None), torch.dtype)},
+    "torch.serialization": {"_get_layout"},
+    "pathlib": {"PosixPath", "WindowsPath", "PurePosixPath"},
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if name in _ALLOWED.get(module, ()):
+            return super().find_class(module, name)
+        raise UnsafeCheckpoint(f"DCP {DCP_METADATA} refers to {module}.{name}: not allowed")
+
+
+def read_dcp_metadata(path: str) -> dcp_metadata.Metadata:
+    """.metadata through the allow-list; its storage entries must name plain files and use no
+    transforms (we never write any: a transform would run registered extensions on load)."""
+    with open(path, "rb") as f:
+        try:
+            md = _MetadataUnpickler(f).load()
+        except UnsafeCheckpoint:
+            raise
+        except Exception as e:  # truncated, not a pickle, wrong objects: corrupt, never run
+            raise UnsafeCheckpoint(f"DCP {DCP_METADATA} is unreadable: {type(e).__name__}: {e}") from None
+    if not isinstance(md, dcp_metadata.Metadata) or not isinstance(md.storage_data, dict):
+        raise UnsafeCheckpoint(f"DCP {DCP_METADATA} does not hold DCP metadata")
+    for info in md.storage_data.values():
+        if not isinstance(info, _StorageInfo) or not isinstance(info.relative_path, str):
+            raise UnsafeCheckpoint(f"DCP {DCP_METADATA} has a malformed storage entry")
+        if info.transform_descriptors:
+            raise UnsafeCheckpoint(f"DCP {DCP_METADATA} asks for load transforms "
+                                   f"{list(info.transform_descriptors)}: not allowed")
+    return md
+
+
+class SafeReader(FileSystemReader):
+    """FileSystemReader that unpickles nothing unlisted and reads only manifest files.
+
+    allowed: the checkpoint's manifest names; every file .metadata points at must be one.
+    before_read: called with the names this rank's plan needs, before they are opened (a remote
+    checkpoint downloads and verifies just those).
+    """
+
+    def __init__(self, path: str, allowed: set[str], before_read: Callable[[list[str]], None] | None = None):
+        super().__init__(path)
+        self.allowed = allowed
+        self.before_read = before_read
+
+    def read_metadata(self, *args, **kwargs) -> dcp_metadata.Metadata:
+        if kwargs.get("rank") is not None:  # DCP's fallback to rank-local metadata: we never write it
+            raise UnsafeCheckpoint(f"DCP {DCP_METADATA} is missing or refused (no rank-local fallback)")
+        md = read_dcp_metadata(os.path.join(str(self.path), DCP_METADATA))
+        if md.storage_meta is None:
+            md.storage_meta = dcp_metadata.StorageMeta()
+        md.storage_meta.load_id = self.load_id
+        return md
+
+    def read_data(self, plan, planner):
+        needed = sorted({self.storage_data[item.storage_index].relative_path for item in plan.items})
+        outside = [rel for rel in needed if rel not in self.allowed]
+        if outside:
+            raise UnsafeCheckpoint(f"DCP {DCP_METADATA} points at {outside[0]!r}, which metadata.json "
+                                   "does not list")
+        if self.before_read is not None:
+            self.before_read(needed)
+        return super().read_data(plan, planner)
+
+
+class SafePlanner(DefaultLoadPlanner):
+    """Non-tensor items (AdamW's param_groups) loaded weights_only: numbers, strings, tuples."""
+
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        try:
+            obj = torch.load(value, weights_only=True)
+        except pickle.UnpicklingError as e:
+            first = (str(e).strip().splitlines() or [""])[0]
+            raise UnsafeCheckpoint(f"DCP item {read_item.dest_index.fqn} is not plain data: {first}") from None
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = obj
+
+
+def first_failure(e: BaseException) -> BaseException:
+    """DCP wraps every rank's failure in a CheckpointException (a BaseException): the first one."""
+    failures = getattr(e, "failures", None)
+    if isinstance(failures, dict) and failures:
+        inner = next(iter(failures.values()))
+        inner = inner[0] if isinstance(inner, tuple) else inner
+        if isinstance(inner, BaseException):
+            return inner
+    return e
+
+
+def load(state_dict: dict, folder: str, allowed: set[str],
+         before_read: Callable[[list[str]], None] | None = None, no_dist: bool = False) -> None:
+    """Fill state_dict (DTensors or plain tensors: DCP reshards to them) from folder, in place."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        dcp.load(state_dict, storage_reader=SafeReader(folder, allowed, before_read),
+                 planner=SafePlanner(), no_dist=no_dist)
+    except CheckpointException as e:
+        inner = first_failure(e)
+        if isinstance(inner, UnsafeCheckpoint):
+            raise UnsafeCheckpoint(str(inner)) from None
+        raise RuntimeError(f"DCP load failed: {type(inner).__name__}: {inner}") from None
+
+
+def save(staged: dict, folder: str, group=None) -> None:
+    """Write staged (a CPU copy; see stage) into folder: every rank its own shard file, rank 0
+    .metadata last. group: a process group of its own, so that this (running in a background
+    thread) never interleaves its collectives with FSDP's on the default group."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        dcp.save(staged, storage_writer=FileSystemWriter(folder, thread_count=1, sync_files=False),
+                 process_group=group)
+    except CheckpointException as e:
+        inner = first_failure(e)
+        raise RuntimeError(f"DCP save failed: {type(inner).__name__}: {inner}") from None
+
+
+def stage(state_dict: dict) -> dict:
+    """A CPU copy of state_dict (DTensors stay DTensors): what a background write may read
+    while training changes the originals."""
+    from torch.distributed.checkpoint.staging import BlockingAsyncStager
+
+    return BlockingAsyncStager().stage(state_dict)
+
+
+def new_group():
+    """A gloo group of all ranks for checkpoint collectives (made by every rank at once)."""
+    return dist.new_group(backend="gloo") if dist.is_initialized() else None
+
+
+# --- one file for people: consolidated weights ----------------------------------------------------
+
+def full_model_state(folder: str, allowed: set[str],
+                     before_read: Callable[[list[str]], None] | None = None) -> dict[str, torch.Tensor]:
+    """The model's full weights from a sharded checkpoint, in this process (no Ray, no process
+    group, no GPU): shapes and dtypes from .metadata, data read through the safe reader."""
+    md = read_dcp_metadata(os.path.join(folder, DCP_METADATA))
+    wanted = {}
+    for key, meta in md.state_dict_metadata.items():
+        if key.startswith("model.") and isinstance(meta, dcp_metadata.TensorStorageMetadata):
+            wanted[key] = torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
+    if not wanted:
+        raise UnsafeCheckpoint(f"DCP {DCP_METADATA} holds no model.* tensors")
+    load(wanted, folder, allowed, before_read, no_dist=True)
+    return {key[len("model."):]: t for key, t in wanted.items()}
+
