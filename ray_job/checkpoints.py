@@ -3,6 +3,8 @@
     list  --storage S --run-name R [--json]     a table, newest last, with status
     show  NAME --storage S --run-name R [--json] one checkpoint's metadata and metrics
     plot  --storage S --run-name R [--out F.png] loss, LR and validation curves, resumes marked
+    export NAME --storage S --run-name R --out DIR  DIR/model.safetensors (whole, from any
+                                                    checkpoint, sharded or not) + DIR/config.json
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from configs.schema import path_component_problem
 from ray_job.errors import UserError
 from storage.listing import scan
 from storage.location import Location, StorageUnreachable, join, probe, resolve
-from storage.manifest import METRICS, Status, check
+from storage.manifest import DCP_METADATA, METRICS, MODEL, CheckpointError, Status, check
 from storage.names import CheckpointName
 
 
@@ -169,15 +171,81 @@ def cmd_plot(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    """One consolidated model.safetensors (and the model's config as JSON) for inference, from a
+    ddp or fsdp checkpoint, local or gs://: no Ray, no GPU, no process group. Every file read is
+    checked against metadata.json's sha256; a sharded one is read through trainers/sharded.py's
+    safe reader (nothing unpickled outside its allow-list)."""
+    import shutil
+    import tempfile
+
+    run = _run(args)
+    try:
+        CheckpointName.parse(args.name)
+    except ValueError as e:
+        raise UserError(f"export {e}") from None
+    out = os.path.abspath(args.out)
+    targets = [os.path.join(out, MODEL), os.path.join(out, "config.json")]
+    taken = [t for t in targets if os.path.exists(t)]
+    if taken:
+        raise UserError(f"export --out {args.out}: {taken[0]} exists; give an empty or new folder")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UserError(f"export --out {args.out}: a file, not a folder")
+    loc = run.child(args.name)
+    result = check(loc)
+    if not result.ok:
+        raise UserError(f"export {args.name}: checkpoint {loc.uri} is {result.status.value} "
+                        f"({result.reason}); pick a complete one (see `list`)")
+    meta = result.metadata
+    strategy = meta.get("strategy", "ddp")
+    scratch = tempfile.mkdtemp(prefix="export-")
+    try:
+        from safetensors.torch import load_file, save_file
+
+        from storage import transfer
+
+        try:
+            if strategy == "fsdp":
+                from trainers import sharded
+
+                folder = transfer.fetch(loc, scratch, wanted=lambda rel: rel == DCP_METADATA)
+
+                def fetch_shards(rels: list[str]) -> None:
+                    transfer.fetch_files(loc, folder, rels, meta["files"])
+
+                try:
+                    weights = sharded.full_model_state(folder, set(meta["files"]), before_read=fetch_shards)
+                except sharded.UnsafeCheckpoint as e:
+                    raise UserError(f"export {args.name}: refused ({e}); nothing of it was run") from None
+            else:
+                folder = transfer.fetch(loc, scratch, wanted=lambda rel: rel == MODEL)
+                weights = load_file(os.path.join(folder, MODEL))
+        except CheckpointError as e:
+            raise UserError(f"export {args.name}: {e}") from None
+        os.makedirs(out, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in weights.items()}, targets[0])
+        with open(targets[1], "w") as f:
+            json.dump({"model": meta["config"]["model"], "checkpoint": args.name, "step": meta["step"],
+                       "written_by": strategy, "world_size": meta["world_size"]}, f, indent=2)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    size = sum(v.numel() * v.element_size() for v in weights.values())
+    print(f"Wrote {targets[0]} ({len(weights)} tensors, {_size(size)}) and {targets[1]} from "
+          f"{args.name} ({strategy}, {meta['world_size']} workers)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m ray_job.checkpoints")
     sub = p.add_subparsers(dest="command", required=True)
-    for name in ("list", "show", "plot"):
+    for name in ("list", "show", "plot", "export"):
         s = sub.add_parser(name)
         s.add_argument("--storage", default="./runs", help="local folder or gs://bucket/prefix")
         s.add_argument("--run-name", default="test")
-        if name == "show":
+        if name in ("show", "export"):
             s.add_argument("name")
+        if name == "export":
+            s.add_argument("--out", required=True, help="folder for model.safetensors and config.json")
         if name in ("list", "show"):
             s.add_argument("--verify", action="store_true",
                            help="check every file's hash too (always done on gs://)")
@@ -187,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
             s.add_argument("--out", help="PNG file to write (default RUN-curves.png)")
     args = p.parse_args(argv)
     try:
-        return {"list": cmd_list, "show": cmd_show, "plot": cmd_plot}[args.command](args)
+        return {"list": cmd_list, "show": cmd_show, "plot": cmd_plot, "export": cmd_export}[args.command](args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

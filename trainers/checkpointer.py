@@ -70,7 +70,7 @@ class _Full:
         self.model, self.optimizer = model, optimizer
 
     def stage(self) -> dict:
-        return sharded.stage({"model": self.model.state_dict(), "optim": self.optimizer.state_dict()})
+        return {"model": _cpu_copy(self.model.state_dict()), "optim": _cpu_copy(self.optimizer.state_dict())}
 
     def write(self, staged: dict, folder: str) -> None:
         save_file({k: v.contiguous() for k, v in staged["model"].items()}, os.path.join(folder, manifest.MODEL))
@@ -93,11 +93,52 @@ class _Sharded:
         sharded.save(staged, folder, self.group)  # collective over self.group: every rank at once
 
 
+def _cpu_copy(tree):
+    """tree with every tensor copied to CPU memory, containers as they were (AdamW's betas stay
+    a tuple: torch.save keeps what load_state_dict gets back)."""
+    if isinstance(tree, torch.Tensor):
+        return tree.detach().to("cpu", copy=True)
+    if isinstance(tree, dict):
+        return {k: _cpu_copy(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_cpu_copy(v) for v in tree)
+    return tree
+
+
 def _by_name(optim_state: dict, names: list[str]) -> dict:
     """An optimizer state_dict keyed by parameter index (optimizer.pt) -> keyed by parameter name
     (what set_state_dict takes): index i is the i-th of model.named_parameters()."""
     return {"state": {names[i]: s for i, s in optim_state["state"].items()},
             "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in optim_state["param_groups"]]}
+
+
+def load_model_and_optimizer(model, optimizer, into_shards: bool, folder: str, metadata: dict,
+                             fetch_shards: Callable[[list[str]], None] | None = None) -> None:
+    """A checkpoint's model and optimizer state into this run's, whichever strategy wrote it: a
+    sharded one through DCP (it reshards to this world size, and to plain tensors alike); a
+    whole one directly (ddp) or spread over the shards (fsdp: each rank keeps its part)."""
+    tuples = [{k for k, v in g.items() if isinstance(v, tuple)} for g in optimizer.param_groups]
+    if metadata.get("strategy", "ddp") == "fsdp":
+        msd, osd = get_state_dict(model, optimizer)
+        state = {"model": msd, "optim": osd}
+        try:
+            sharded.load(state, folder, allowed=set(metadata["files"]), before_read=fetch_shards)
+        except sharded.UnsafeCheckpoint as e:
+            raise manifest.CheckpointError(f"checkpoint {metadata.get('name')} refused: {e}; nothing of it "
+                                           "was run") from None
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    else:
+        weights = load_file(os.path.join(folder, manifest.MODEL))
+        optim = torch.load(os.path.join(folder, manifest.OPTIMIZER), weights_only=True)
+        if not into_shards:
+            model.load_state_dict(weights)
+            optimizer.load_state_dict(optim)
+            return
+        names = [n for n, _ in model.named_parameters()]  # FSDP2 keeps the parameter names
+        set_state_dict(model, optimizer, model_state_dict=weights, optim_state_dict=_by_name(optim, names),
+                       options=StateDictOptions(full_state_dict=True))
+    for group, keys in zip(optimizer.param_groups, tuples):  # set_state_dict gives betas back as a list
+        group.update({k: tuple(group[k]) for k in keys if isinstance(group.get(k), list)})
 
 
 class _Pending:
@@ -173,7 +214,11 @@ class Checkpointer:
                 transfer.fetch_files(source.loc, folder, rels, files, verify)
 
             fetched = time.time()
-            self._load_model_and_optimizer(folder, metadata, fetch_shards)
+            written_by = metadata.get("strategy", "ddp")
+            if written_by != self.strategy.name:
+                say(f"🔀 {name} was written under {written_by}; loading it into {self.strategy.name}")
+            load_model_and_optimizer(self.model, self.optimizer, self.strategy.sharded, folder, metadata,
+                                     fetch_shards)
             self.scheduler.load_state_dict(torch.load(os.path.join(folder, manifest.SCHEDULER), weights_only=True))
             rng = os.path.join(folder, manifest.rng_file(self.rank))
             if metadata["world_size"] == self.world and os.path.exists(rng):
@@ -204,36 +249,6 @@ class Checkpointer:
         say(f"   Checkpoint verified and loaded in {time.time() - started:.2f}s "
             f"(fetch {fetched - started:.2f}s, state load {time.time() - fetched:.2f}s)")
         return state
-
-    def _load_model_and_optimizer(self, folder: str, metadata: dict, fetch_shards: Callable) -> None:
-        """Into this run's model and optimizer, whichever strategy wrote the checkpoint: a sharded
-        one through DCP (it reshards to this world size and to plain tensors alike); a whole one
-        directly (ddp) or spread over the shards (fsdp)."""
-        written_by, ours = metadata.get("strategy", "ddp"), self.strategy.name
-        if written_by != ours:
-            self.say(f"🔀 {metadata['name'] if 'name' in metadata else 'The checkpoint'} was written under "
-                     f"{written_by}; loading it into {ours}")
-        if written_by == "fsdp":
-            msd, osd = get_state_dict(self.model, self.optimizer)
-            state = {"model": msd, "optim": osd}
-            try:
-                sharded.load(state, folder, allowed=set(metadata["files"]), before_read=fetch_shards)
-            except sharded.UnsafeCheckpoint as e:
-                raise manifest.CheckpointError(f"checkpoint {metadata.get('name')} refused: {e}; nothing "
-                                               "of it was run") from None
-            set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
-                           optim_state_dict=state["optim"])
-            return
-        weights = load_file(os.path.join(folder, manifest.MODEL))
-        optim = torch.load(os.path.join(folder, manifest.OPTIMIZER), weights_only=True)
-        if not self.strategy.sharded:
-            self.model.load_state_dict(weights)
-            self.optimizer.load_state_dict(optim)
-            return
-        names = [n for n, _ in self.model.named_parameters()]  # FSDP2 keeps the parameter names
-        set_state_dict(self.model, self.optimizer, model_state_dict=weights,
-                       optim_state_dict=_by_name(optim, names),
-                       options=StateDictOptions(full_state_dict=True))
 
     def _wanted(self, rel: str) -> bool:
         if rel.endswith(".distcp"):

@@ -114,15 +114,20 @@ class _MetadataUnpickler(pickle.Unpickler):
 
 
 def read_dcp_metadata(path: str) -> dcp_metadata.Metadata:
-    """.metadata through the allow-list; its storage entries must name plain files and use no
-    transforms (we never write any: a transform would run registered extensions on load)."""
+    """.metadata through the allow-list (see parse_dcp_metadata)."""
     with open(path, "rb") as f:
-        try:
-            md = _MetadataUnpickler(f).load()
-        except UnsafeCheckpoint:
-            raise
-        except Exception as e:  # truncated, not a pickle, wrong objects: corrupt, never run
-            raise UnsafeCheckpoint(f"DCP {DCP_METADATA} is unreadable: {type(e).__name__}: {e}") from None
+        return parse_dcp_metadata(f)
+
+
+def parse_dcp_metadata(stream) -> dcp_metadata.Metadata:
+    """DCP's index unpickled through the allow-list; its storage entries must name plain files
+    and use no transforms (we never write any: a transform would run registered extensions)."""
+    try:
+        md = _MetadataUnpickler(stream).load()
+    except UnsafeCheckpoint:
+        raise
+    except Exception as e:  # truncated, not a pickle, wrong objects: corrupt, never run
+        raise UnsafeCheckpoint(f"DCP {DCP_METADATA} is unreadable: {type(e).__name__}: {e}") from None
     if not isinstance(md, dcp_metadata.Metadata) or not isinstance(md.storage_data, dict):
         raise UnsafeCheckpoint(f"DCP {DCP_METADATA} does not hold DCP metadata")
     for info in md.storage_data.values():
@@ -132,6 +137,28 @@ def read_dcp_metadata(path: str) -> dcp_metadata.Metadata:
             raise UnsafeCheckpoint(f"DCP {DCP_METADATA} asks for load transforms "
                                    f"{list(info.transform_descriptors)}: not allowed")
     return md
+
+
+def vet(metadata_stream, allowed: set[str], read: Callable[[str, int, int], bytes]) -> int:
+    """Everything a load would unpickle, checked before anything loads (the driver does this
+    for --resume, so a hostile checkpoint is refused before Ray starts): .metadata through the
+    allow-list, every file it points at listed in the manifest (allowed), and every non-tensor
+    item (read(file, offset, length)) loadable with weights_only. Returns how many items were
+    checked; raises UnsafeCheckpoint."""
+    md = parse_dcp_metadata(metadata_stream)
+    checked = 0
+    for index, info in md.storage_data.items():
+        if info.relative_path not in allowed:
+            raise UnsafeCheckpoint(f"DCP {DCP_METADATA} points at {info.relative_path!r}, which "
+                                   "metadata.json does not list")
+        if isinstance(md.state_dict_metadata.get(index.fqn), dcp_metadata.BytesStorageMetadata):
+            try:
+                torch.load(io.BytesIO(read(info.relative_path, info.offset, info.length)), weights_only=True)
+            except Exception as e:
+                first = (str(e).strip().splitlines() or [""])[0]
+                raise UnsafeCheckpoint(f"DCP item {index.fqn} is not plain data: {first}") from None
+            checked += 1
+    return checked
 
 
 class SafeReader(FileSystemReader):
@@ -196,11 +223,16 @@ def first_failure(e: BaseException) -> BaseException:
 def load(state_dict: dict, folder: str, allowed: set[str],
          before_read: Callable[[list[str]], None] | None = None, no_dist: bool = False) -> None:
     """Fill state_dict (DTensors or plain tensors: DCP reshards to them) from folder, in place."""
+    import warnings
+
     from torch.distributed.checkpoint.api import CheckpointException
 
+    read_dcp_metadata(os.path.join(folder, DCP_METADATA))  # refused here, before DCP retries it per rank
     try:
-        dcp.load(state_dict, storage_reader=SafeReader(folder, allowed, before_read),
-                 planner=SafePlanner(), no_dist=no_dist)
+        with warnings.catch_warnings():  # no_dist: one process on purpose, not a missing group
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state_dict, storage_reader=SafeReader(folder, allowed, before_read),
+                     planner=SafePlanner(), no_dist=no_dist)
     except CheckpointException as e:
         inner = first_failure(e)
         if isinstance(inner, UnsafeCheckpoint):

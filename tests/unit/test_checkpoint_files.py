@@ -786,3 +786,79 @@ def test_link_create_only_never_replaces(tmp_path):
     transfer.link_create_only(str(tmp_path / "a.tmp"), str(tmp_path / "fresh"))
     assert (tmp_path / "fresh").read_bytes() == b"new"
 
+
+
+# --- sharded (fsdp) checkpoints: every rank's files or nothing --------------------------------
+
+SHARDED = {
+    ".metadata": os.urandom(300), "__0_0.distcp": os.urandom(2000), "__1_0.distcp": os.urandom(2100),
+    "scheduler_state.pt": b"sched", "rng_state_rank0.pt": os.urandom(64), "rng_state_rank1.pt": os.urandom(65),
+    "training_metrics.json": b'{"loss_history": []}',
+}
+SHARDS = {"0": [".metadata", "__0_0.distcp", "rng_state_rank0.pt", "rng_state_rank1.pt",
+                "scheduler_state.pt", "training_metrics.json"], "1": ["__1_0.distcp"]}
+
+
+def put_sharded(run_dir, name="checkpoint-epoch0-step8-files2", **over):
+    return make_local(os.path.join(run_dir, name), SHARDED,
+                      realistic_meta(name, **{"strategy": "fsdp", "shards": SHARDS, **over}))
+
+
+def test_sharded_checkpoint_complete_with_every_ranks_files(tmp_path):
+    put_sharded(tmp_path)
+    result = manifest.check(resolve(str(tmp_path / "checkpoint-epoch0-step8-files2")), verify_hashes=True)
+    assert result.ok, result.reason
+    assert set(result.metadata["files"]) == set(SHARDED)
+
+
+def test_sharded_checkpoint_missing_one_ranks_shard_is_incomplete_and_skipped(tmp_path):
+    put_sharded(tmp_path, "checkpoint-epoch0-step4-files1")
+    put_sharded(tmp_path, "checkpoint-epoch0-step8-files2")
+    os.remove(tmp_path / "checkpoint-epoch0-step8-files2" / "__1_0.distcp")  # rank 1 never landed
+    result = manifest.check(resolve(str(tmp_path / "checkpoint-epoch0-step8-files2")))
+    assert result.status is Status.INCOMPLETE and "__1_0.distcp is missing" in result.reason
+    assert str(listing.latest_complete(resolve(str(tmp_path))).name) == "checkpoint-epoch0-step4-files1"
+
+
+@pytest.mark.parametrize("shards, words", [
+    (None, "shards is None"),
+    ({"0": SHARDS["0"]}, "no files for rank 1 of 2"),
+    ({**SHARDS, "1": []}, "no files for rank 1 of 2"),
+    ({**SHARDS, "1": ["__7_0.distcp"]}, "'__7_0.distcp' for rank 1, which the file list lacks"),
+    ({**SHARDS, "2": ["__1_0.distcp"]}, "rank '2', outside world_size 2"),
+])
+def test_sharded_metadata_must_name_every_ranks_files(tmp_path, shards, words):
+    put_sharded(tmp_path, shards=shards)
+    result = manifest.check(resolve(str(tmp_path / "checkpoint-epoch0-step8-files2")))
+    assert result.status is Status.CORRUPT and words in result.reason, result.reason
+
+
+def test_sharded_metadata_must_list_the_dcp_index_and_a_known_strategy(tmp_path):
+    files = {k: v for k, v in SHARDED.items() if k != ".metadata"}
+    shards = {"0": [f for f in SHARDS["0"] if f != ".metadata"], "1": SHARDS["1"]}
+    make_local(tmp_path / "checkpoint-epoch0-step8-files2", files,
+               realistic_meta(strategy="fsdp", shards=shards))
+    result = manifest.check(resolve(str(tmp_path / "checkpoint-epoch0-step8-files2")))
+    assert result.status is Status.CORRUPT and "lacks .metadata" in result.reason
+    put_sharded(tmp_path / "other", strategy="zero3")
+    result = manifest.check(resolve(str(tmp_path / "other" / "checkpoint-epoch0-step8-files2")))
+    assert result.status is Status.CORRUPT and "strategy is 'zero3'" in result.reason
+
+
+def test_upload_files_then_commit_is_the_upload(tmp_path):
+    """A rank's upload (files, no commit) leaves an incomplete checkpoint; the commit completes
+    it, create-only."""
+    local = tmp_path / "local"
+    meta = make_local(local, FLAT)
+    dest = resolve(str(tmp_path / "run" / "checkpoint-epoch0-step8-files2"))
+    transfer.upload_files(str(local), dest)
+    assert manifest.check(dest).status is Status.INCOMPLETE
+    assert transfer.missing_or_wrong_size(dest, meta["files"]) == []
+    transfer.commit(dest, (local / "metadata.json").read_bytes())
+    assert manifest.check(dest, verify_hashes=True).ok
+    with pytest.raises(CheckpointError, match="refusing to overwrite"):
+        transfer.commit(dest, b"{}")
+    with pytest.raises(CheckpointError, match="refusing to overwrite"):
+        transfer.upload_files(str(local), dest)
+    os.remove(dest.path + "/optimizer.pt")
+    assert transfer.missing_or_wrong_size(dest, meta["files"]) == ["optimizer.pt"]
