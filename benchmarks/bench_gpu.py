@@ -1,13 +1,16 @@
-"""On one CUDA GPU, in under 5 minutes: the production-size model (GPT, d_model 768, 12 layers,
-seq 1024, bf16) through the service vs a plain PyTorch loop on the same GPU.
+"""On CUDA GPUs, in under 5 minutes: a GPT (d_model 768, 12 layers, seq 1024, bf16; the
+production preset's shape before it moved to 3B and fsdp) through the service vs a plain
+PyTorch loop on the same GPU, with train.strategy ddp (default) or fsdp (--strategy fsdp: FSDP2
+over every GPU here, NCCL; one GPU still runs fully_shard, with nothing to shard against).
 
 1. Tokens/s and model FLOPs utilization (6 x params x tokens/s / the GPU's bf16 dense peak),
    service (Ray Train, 1 worker, Accelerate, Ray Data ingest) / plain loop.
 2. The async checkpoint stall of that model (seconds the loop is blocked per checkpoint).
 3. Stop at step S, resume to 2S, against 2S straight: are the per-step losses bitwise equal?
 
-    python benchmarks/bench_gpu.py            # needs CUDA; prints "skipped" without it
-    python benchmarks/bench_gpu.py --steps 20 # shorter
+    python benchmarks/bench_gpu.py                   # needs CUDA; prints "skipped" without it
+    python benchmarks/bench_gpu.py --strategy fsdp   # sharded over the GPUs of this machine
+    python benchmarks/bench_gpu.py --steps 20        # shorter
 """
 
 from __future__ import annotations
@@ -25,8 +28,9 @@ import numpy as np
 import torch
 
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
-SETS = ["data.prepare=none", "train.val_every=0", "train.global_batch_size=32",
-        "scaling.num_workers=1", "scaling.cpus_per_worker=4", "scaling.data_cpus=4",
+SETS = ["data.prepare=none", "train.val_every=0", "train.global_batch_size=32", "train.grad_accum_steps=1",
+        "model.vocab_size=256", "model.seq_len=1024", "model.n_layer=12", "model.n_head=12", "model.d_model=768",
+        "model.dropout=0.1", "optim.lr=6e-4", "scaling.cpus_per_worker=4", "scaling.data_cpus=4",
         "checkpoint.keep_last=0", "checkpoint.keep_best=0", "checkpoint.max_failures=0",
         "checkpoint.preemption_check_every=0", "optim.warmup_steps=10"]
 
@@ -66,6 +70,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--quick", action="store_true", help="10 steps")
+    ap.add_argument("--strategy", choices=["ddp", "fsdp"], default="ddp")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("skipped: no CUDA GPU here (run this on a GPU machine; see benchmarks/RESULTS.md)")
@@ -75,21 +80,25 @@ def main() -> None:
 
     steps = 10 if args.quick else args.steps
     root = Path(tempfile.mkdtemp(prefix="bench-gpu-"))
-    cfg = with_overrides(load("production"), parse_set(SETS))
+    gpus = torch.cuda.device_count() if args.strategy == "fsdp" else 1
+    sets = SETS + [f"train.strategy={args.strategy}", f"scaling.num_workers={gpus}"]
+    cfg = with_overrides(load("production"), parse_set(sets))
     G, T = cfg.train.global_batch_size, cfg.model.seq_len
     data = _common.make_corpus(root / "data", files=4, rows=(2 * steps * G) // 4 + G, sample_bytes=T + 1,
                                row_group=64)
     name = torch.cuda.get_device_name(0)
     peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
     params = sum(p.numel() for p in GPT(cfg.model).parameters())
-    print(f"GPU: {name}; model {params / 1e6:.1f}M params, batch {G} x {T} tokens, bf16, {steps} steps")
+    alone = "; only one GPU here: nothing is sharded across devices" if gpus == 1 and args.strategy == "fsdp" else ""
+    print(f"GPU: {name} x {gpus} ({args.strategy}{alone}); "
+          f"model {params / 1e6:.1f}M params, batch {G} x {T} tokens, bf16, {steps} steps")
 
     torch.backends.cuda.matmul.allow_tf32 = True
     plain = plain_loop(cfg, data, steps)
     torch.cuda.empty_cache()
 
     base = ["--config", "production", "--storage", root / "ckpt", "--set", f"data.path={data}"]
-    for s in SETS:
+    for s in sets:
         base += ["--set", s]
 
     def service(run: str, *extra) -> tuple[str, dict]:
@@ -108,8 +117,8 @@ def main() -> None:
 
     rate = _common.floats(r"steps after the first at ([\d.]+) steps/s", straight_out)[0]
     stalls = _common.floats(r"Training blocked ([\d.]+)s", straight_out)
-    tokens_service, tokens_plain = rate * G * T, plain * G * T
-    print(f"1. tokens/s: plain PyTorch loop {tokens_plain:,.0f}   service {tokens_service:,.0f}   "
+    tokens_service, tokens_plain = rate * G * T / gpus, plain * G * T  # per GPU
+    print(f"1. tokens/s per GPU: plain PyTorch loop {tokens_plain:,.0f}   service {tokens_service:,.0f}   "
           f"service / plain {tokens_service / tokens_plain:.3f} (target >= 0.9)  "
           f"{'OK' if tokens_service / tokens_plain >= 0.9 else 'MISSED'}")
     if peak:

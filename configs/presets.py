@@ -25,16 +25,23 @@ def test() -> Config:
 
 
 def production() -> Config:
-    """A ~100M-parameter GPT on one multi-GPU node: bf16, 8 GPUs, checkpoints to GCS."""
+    """A ~3B-parameter GPT sharded over one 8-GPU node (FSDP2, bf16 compute), checkpoints to GCS.
+
+    It would not fit replicated: 3.0B parameters hold 12 GB of fp32 weights, 12 GB of
+    gradients and 24 GB of AdamW state, 48 GB before activations, more than one A100 40 GB of
+    cluster.yaml's nodes. Sharded over 8 GPUs each holds ~6 GB of that, and every rank writes
+    its 1/8 of each checkpoint."""
     return Config(
         name="production",
-        model=ModelSection(vocab_size=256, seq_len=1024, n_layer=12, n_head=12, d_model=768, dropout=0.1),
-        # Your own corpus, made by `python -m ray_job.prepare_data --out gs://...` (README: "Your own
-        # text"): its dataset.json must say seq_len 1024 and a vocab within model.vocab_size.
+        # 12 * 24 * 3072^2 in the blocks + 2 * 50304 * 3072 in the (untied) embedding and head
+        model=ModelSection(vocab_size=50304, seq_len=2048, n_layer=24, n_head=24, d_model=3072, dropout=0.0,
+                           shard_modules=("Block",)),
+        # Your own corpus, made by `python -m ray_job.prepare_data --seq-len 2048 --out gs://...`
+        # (README: "Your own text"): dataset.json's vocab must be within model.vocab_size.
         data=DataSection(path="gs://my-training-data/corpus", prepare="none"),
-        optim=OptimSection(lr=6e-4, weight_decay=0.1, warmup_steps=2000, decay_steps=100_000),
-        train=TrainSection(max_steps=100_000, global_batch_size=256, grad_accum_steps=1,
-                          mixed_precision="bf16", log_every=10, val_every=1000, val_batch_size=32),
+        optim=OptimSection(lr=3e-4, weight_decay=0.1, warmup_steps=2000, decay_steps=100_000),
+        train=TrainSection(max_steps=100_000, global_batch_size=256, grad_accum_steps=4, strategy="fsdp",
+                           mixed_precision="bf16", log_every=10, val_every=1000, val_batch_size=8),
         scaling=ScalingSection(num_workers=8, use_gpu=True, cpus_per_worker=4, data_cpus=32),
         checkpoint=CheckpointSection(storage="gs://my-training-checkpoints/runs", every=1000,
                                     max_failures=3, preemption_check_every=10, keep_last=5,

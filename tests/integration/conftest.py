@@ -19,7 +19,7 @@ from ray_job import launcher
 from ray_job.launcher import BIN, Run
 from storage.emulator import free_port
 
-SLOW_FIXTURES = {"ray_cluster", "ray_address", "runs"}  # a Ray cluster, or training runs
+SLOW_FIXTURES = {"ray_cluster", "ray_address", "runs", "fsdp_runs"}  # a Ray cluster, or training runs
 
 
 def pytest_collection_modifyitems(items):
@@ -156,6 +156,34 @@ def runs(ray_address, tmp_path_factory) -> Runs:
                               "--audit-dir", trail / "chain3"], ray_address=ray_address)
     assert third.rc == 0, third.out[-4000:]
     return Runs(storage, data, trail, straight, [first, second, third], done)
+
+
+@dataclass
+class FsdpRuns:
+    storage: Path
+    data: Path
+    audit: Path
+    straight: Run  # 24 steps (one epoch), checkpoints at 8, 16, 24
+    chain: list[Run]  # stop at 10 (mid-file), resume latest to 24
+
+    def ckpt(self, run: str, name: str) -> Path:
+        return self.storage / run / name
+
+
+@pytest.fixture(scope="session")
+def fsdp_runs(runs, ray_address) -> FsdpRuns:
+    """train.strategy=fsdp on the shared data: 24 steps straight, and the same 24 stopped at 10
+    and resumed. Few and short: each run costs a worker group's start."""
+    common = ["--config", "test", "--storage", runs.storage, "--set", f"data.path={runs.data}",
+              "--set", "train.strategy=fsdp", "--max-steps", 24]
+    straight = launcher.run(common + ["--run-name", "fsdp-straight", "--audit-dir", runs.audit / "fsdp-straight"],
+                            ray_address=ray_address)
+    assert straight.rc == 0, straight.out[-4000:]
+    first = launcher.run(common[:-2] + ["--run-name", "fsdp-chain", "--max-steps", 10], ray_address=ray_address)
+    assert first.rc == 0, first.out[-4000:]
+    second = launcher.run(common + ["--run-name", "fsdp-chain", "--resume", "latest"], ray_address=ray_address)
+    assert second.rc == 0, second.out[-4000:]
+    return FsdpRuns(runs.storage, runs.data, runs.audit, straight, [first, second])
 
 
 @pytest.fixture(scope="session")

@@ -7,13 +7,16 @@ import re
 import signal
 import time
 
+import pytest
 import torch
 from conftest import audit, read_json
 from safetensors.torch import load_file
 
 from ray_job import launcher
+from trainers import sharded
 
 FINAL = "checkpoint-epoch1-step40-files4"
+FSDP_FINAL = "checkpoint-epoch1-step24-files0"
 
 
 def _last_per_step(records):
@@ -25,10 +28,17 @@ def _last_per_step(records):
     return last
 
 
-def test_killed_worker_recovers_from_latest_checkpoint_exactly(runs, ray_address):
-    trail = runs.storage.parent / "audit" / "killed-worker"
-    args = ["--config", "test", "--storage", runs.storage, "--run-name", "killed-worker",
-            "--set", f"data.path={runs.data}", "--checkpoint-every", 4, "--max-failures", 1,
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_killed_worker_recovers_from_latest_checkpoint_exactly(strategy, request, ray_address):
+    """ddp against the shared 40-step run; fsdp (every rank's shards in each checkpoint) against
+    the 24-step fsdp run."""
+    ref = request.getfixturevalue("runs" if strategy == "ddp" else "fsdp_runs")
+    final, straight_run = (FINAL, "straight") if strategy == "ddp" else (FSDP_FINAL, "fsdp-straight")
+    run_name = f"killed-worker-{strategy}"
+    trail = ref.storage.parent / "audit" / run_name
+    args = ["--config", "test", "--storage", ref.storage, "--run-name", run_name,
+            "--set", f"data.path={ref.data}", "--checkpoint-every", 4, "--max-failures", 1,
+            "--set", f"train.strategy={strategy}", "--max-steps", final.split("step")[1].split("-")[0],
             "--audit-dir", trail]
     job = launcher.start(args, ray_address=ray_address)
     victim, deadline = None, time.monotonic() + 300
@@ -54,11 +64,15 @@ def test_killed_worker_recovers_from_latest_checkpoint_exactly(runs, ray_address
                 and r["pid"] == victim}
     assert max(replayed) > step, "the killed worker trained past the checkpoint: work was redone"
 
-    a = load_file(runs.ckpt("straight", FINAL) / "model.safetensors")
-    b = load_file(runs.ckpt("killed-worker", FINAL) / "model.safetensors")
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    straight = read_json(runs.ckpt("straight", FINAL) / "training_metrics.json")
-    ours = read_json(runs.ckpt("killed-worker", FINAL) / "training_metrics.json")
+    if strategy == "ddp":
+        a = load_file(ref.ckpt(straight_run, final) / "model.safetensors")
+        b = load_file(ref.ckpt(run_name, final) / "model.safetensors")
+    else:
+        a, b = (sharded.full_model_state(str(ref.ckpt(r, final)), set(read_json(ref.ckpt(r, final) / "metadata.json")
+                                                                     ["files"])) for r in (straight_run, run_name))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    straight = read_json(ref.ckpt(straight_run, final) / "training_metrics.json")
+    ours = read_json(ref.ckpt(run_name, final) / "training_metrics.json")
     assert ours["loss_history"] == straight["loss_history"]
 
     counted = _last_per_step(records)

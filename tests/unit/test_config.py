@@ -35,6 +35,19 @@ def test_test_preset_values():
     assert prod.scaling.use_gpu is True and prod.checkpoint.storage.startswith("gs://")
 
 
+def test_production_is_sharded_because_it_would_not_fit_replicated():
+    """fp32 weights + gradients + AdamW (2 moments) = 16 bytes a parameter: above one A100 40 GB
+    of cluster.yaml's nodes replicated, well under it sharded over the node's 8 GPUs."""
+    prod = load("production")
+    m = prod.model
+    params = 2 * m.vocab_size * m.d_model + m.seq_len * m.d_model + m.n_layer * (12 * m.d_model**2 + 13 * m.d_model)
+    assert 2.8e9 < params < 3.3e9
+    replicated, sharded = 16 * params, 16 * params / prod.scaling.num_workers
+    assert replicated > 40e9 > 4 * sharded
+    assert prod.train.strategy == "fsdp" and prod.train.mixed_precision == "bf16"
+    assert load("test").train.strategy == "ddp"
+
+
 def test_unknown_preset():
     with pytest.raises(ConfigError, match="unknown config"):
         load("nope")
