@@ -1,8 +1,10 @@
 """Checkpoint stall and overhead, through the real service, checkpoints to the GCS API server
 on loopback (fake-gcs-server), a model whose checkpoint is ~150 MB (weights + AdamW state).
 
-1. How long the train loop is blocked per checkpoint: asynchronous upload (Ray Train ASYNC,
-   our upload function in the background) against synchronous upload. Target: async <= 10%.
+1. How long the train loop is blocked per checkpoint: asynchronous upload (Ray Train ASYNC: the
+   state staged in memory, then written, hashed and uploaded by our upload function in the
+   background) against synchronous upload. Target: async <= 2% (DCP's published async figure is
+   ~4%: 148.8 s -> 6.3 s at 7B). bench_sharded.py measures the same for ddp and fsdp at W=2.
 2. Whole-run overhead of checkpointing every N steps against none, measured, and projected to
    the production config's frequency (every 1000 steps). Target: <= 3.5% (CheckFreq).
 
@@ -44,7 +46,7 @@ def main() -> None:
             assert rc == 0, out[-3000:]
             stalls = _common.floats(r"Training blocked ([\d.]+)s", out)
             rate = _common.floats(r"steps after the first at ([\d.]+) steps/s", out)[0]
-            size = _common.floats(r"Checkpoint size ([\d.]+) MB", out)
+            size = _common.floats(r"\(([\d.]+) MB on rank 0", out)
             results[mode] = (stalls, rate, size)
     finally:
         gcs.stop()
@@ -53,8 +55,8 @@ def main() -> None:
     size = results["async"][2][0] if results["async"][2] else float("nan")
     print(f"checkpoint size {size:.0f} MB; {steps} steps, a checkpoint every {every}")
     print(f"1. loop blocked per checkpoint: sync {sync_stall:.3f}s   async {async_stall:.3f}s   "
-          f"async/sync {async_stall / sync_stall:.3f} (target <= 0.10)  "
-          f"{'OK' if async_stall / sync_stall <= 0.10 else 'MISSED'}")
+          f"async/sync {async_stall / sync_stall:.3f} (target <= 0.02)  "
+          f"{'OK' if async_stall / sync_stall <= 0.02 else 'MISSED'}")
     none_rate, async_rate = results["none"][1], results["async"][1]
     measured = none_rate / async_rate - 1
     step_s = 1 / none_rate

@@ -14,6 +14,7 @@ SCRIPTS = {
     "bench_resume_skip.py": ["skip_first_batches@90% / ours@90%:", "ours@90% / ours@0%:"],
     "bench_training.py": ["ratio", "resume / fresh:"],
     "bench_checkpoint.py": ["async/sync", "projected at the production frequency"],
+    "bench_sharded.py": ["max per rank / state", "fsdp / ddp", "async stall / sync save"],
     "bench_gpu.py": ["tokens/s" if torch.cuda.is_available() else "skipped: no CUDA GPU"],
     "bench_ingest.py": ["W=2: Ray Data path 1.00   per-rank reader 2.00",
                         "W=4: Ray Data path 1.00   per-rank reader 4.00",
