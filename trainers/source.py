@@ -7,10 +7,10 @@ retries (Ray restarting the worker group after a failure or a preemption).
 
 Ray's get_checkpoint() also returns the latest checkpoint of an *earlier* job with the same run
 name and storage, which would silently override --resume NAME: only a checkpoint written by
-this launch (same launch_id) counts as a retry's. And Ray only knows the checkpoints its
-controller had processed before the failure, while every checkpoint it registered is complete
-in storage (the upload writes metadata.json last, then returns): so storage alone answers, and
-a checkpoint that landed unregistered is not lost (nor regenerated). The driver refused any
+this launch (same launch_id) counts as a retry's. And Ray's registry is not storage's truth:
+Ray registers a checkpoint just before our controller callback commits it (ray_job/commit.py
+writes metadata.json once every writer's files are in storage), so a registered checkpoint
+may be uncommitted, and only committed ones can be resumed: storage alone answers. The driver refused any
 complete checkpoint newer than the resume point, so the newest complete one in the run decides:
 it is this launch's, or none is.
 """
