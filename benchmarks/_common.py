@@ -35,6 +35,21 @@ def make_corpus(folder: Path, files: int, rows: int, sample_bytes: int, row_grou
     return folder
 
 
+def checkpoint_workload(name: str, quick: bool) -> tuple[int, int, list[str]]:
+    """The checkpoint benchmarks' run: (steps, checkpoint every, --set overrides). A 12.6M-parameter
+    GPT (d_model 512, 4 layers, seq 128: a ~150 MB checkpoint of weights and AdamW state) on a
+    synthetic corpus; --quick a tiny one."""
+    import tempfile
+
+    steps, every = (6, 3) if quick else (24, 4)
+    model = (["model.d_model=128", "model.n_layer=2"] if quick
+             else ["model.d_model=512", "model.n_layer=4", "model.n_head=8"])
+    root = Path(tempfile.mkdtemp(prefix=f"bench-{name}-"))
+    data = make_corpus(root / "data", files=4, rows=400, sample_bytes=129)
+    return steps, every, [*model, "model.seq_len=128", "data.prepare=none", "train.val_every=0",
+                          f"data.path={data}", "checkpoint.preemption_check_every=0"]
+
+
 class GcsServer:
     """The GCS API server on 127.0.0.1 with a bucket "bench"; sets STORAGE_EMULATOR_HOST here."""
 

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
-from pathlib import Path
 
 import _common
 
@@ -25,13 +23,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
-    steps, every = (6, 3) if args.quick else (24, 4)
-    model = (["model.d_model=128", "model.n_layer=2"] if args.quick
-             else ["model.d_model=512", "model.n_layer=4", "model.n_head=8"])
-    root = Path(tempfile.mkdtemp(prefix="bench-ckpt-"))
-    data = _common.make_corpus(root / "data", files=4, rows=400, sample_bytes=129)
-    sets = [*model, "model.seq_len=128", "data.prepare=none", "train.val_every=0",
-            f"data.path={data}", "checkpoint.preemption_check_every=0"]
+    steps, every, sets = _common.checkpoint_workload("ckpt", args.quick)
     gcs = _common.GcsServer()
     try:
         results = {}

@@ -210,10 +210,22 @@ def cmd_export(args) -> int:
 
                 folder = transfer.fetch(loc, scratch, wanted=lambda rel: rel == DCP_METADATA)
 
-                def fetch_shards(rels: list[str]) -> None:
-                    transfer.fetch_files(loc, folder, rels, meta["files"])
+                fetched: set[str] = set()
 
-                try:
+                def fetch_shards(rels: list[str]) -> None:
+                    todo = [rel for rel in rels if rel not in fetched]
+                    transfer.fetch_files(loc, folder, todo, meta["files"])
+                    fetched.update(todo)
+
+                def read(rel: str, offset: int, length: int) -> bytes:
+                    fetch_shards([rel])
+                    with open(os.path.join(folder, rel), "rb") as f:
+                        f.seek(offset)
+                        return f.read(length)
+
+                try:  # the whole checkpoint vetted as a resume would be, not only the weights read
+                    with open(os.path.join(folder, DCP_METADATA), "rb") as f:
+                        sharded.vet(f, set(meta["files"]), read)
                     weights = sharded.full_model_state(folder, set(meta["files"]), before_read=fetch_shards)
                 except sharded.UnsafeCheckpoint as e:
                     raise UserError(f"export {args.name}: refused ({e}); nothing of it was run") from None
