@@ -26,7 +26,6 @@ from ray.train import (  # noqa: E402
 from ray.train.torch import TorchTrainer
 
 from configs.schema import Config
-from ray_job.commit import CommitCheckpoints
 from storage import gcs
 from storage.location import Location
 from trainers.ingest import train_dataset
@@ -91,8 +90,6 @@ def fit(cfg: Config, run: Location, storage: Location, plan: LaunchPlan, verbose
             storage_path=storage.path,
             storage_filesystem=storage.fs,
             checkpoint_config=CheckpointConfig(num_to_keep=None),  # retention: ours, not Ray's
-            # metadata.json once every writer's files are in storage, then retention
-            callbacks=[CommitCheckpoints(plan)],
             failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures),
             logging_config=LoggingConfig(log_level="INFO" if verbose else "WARNING"),
         ),

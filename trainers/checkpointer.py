@@ -1,6 +1,5 @@
 """Checkpointing on the workers, in one place: which checkpoint an attempt starts from, restoring
-it, saving one (stage in memory, Ray report, background write and upload; the commit follows on
-Ray Train's controller, ray_job/commit.py).
+it, saving one (stage in memory, background write, upload and commit, Ray report).
 
 What a checkpoint holds, one mapping of stateful parts (as torchtitan's CheckpointManager). The
 strategy (trainers/parallel.py) decides how the model and optimizer are written, not what a
@@ -22,10 +21,12 @@ checkpoint is:
 Nothing is unpickled on load: a checkpoint from a stranger cannot run code. The file names are
 storage/manifest.py's: its completeness check requires every file loaded here.
 
-A save blocks training only to stage the state in CPU memory (a copy); serializing, hashing and
-uploading run in Ray's upload thread. One staged copy at a time: a save waits for the previous
-one to be written to local disk before it stages (bounded memory: one extra copy of this rank's
-share of model and AdamW state).
+A save blocks training only to stage the state in CPU memory (a copy); the checkpointer's writer
+thread serializes it to local disk, hashes it, uploads it and (rank 0, once every writer's
+files are in storage) commits it. One staged copy at a time: a save waits for the previous one
+to be written to local disk before it stages (bounded memory: one extra copy of this rank's
+share of model and AdamW state, while the checkpoint before it uploads). Ray's report registers
+each checkpoint (ASYNC: in its upload thread, waiting for the writer; SYNC: in the loop).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import ray
@@ -55,8 +57,8 @@ from storage.location import resolve
 from storage.names import CheckpointName
 from trainers import sharded
 from trainers import source as sources
+from trainers.commit import Committer
 from trainers.launch_plan import LaunchPlan
-from trainers.logs import say as _say
 from trainers.state import TrainState
 
 
@@ -142,27 +144,26 @@ def load_model_and_optimizer(model, optimizer, into_shards: bool, folder: str, m
 
 
 class _Pending:
-    """One checkpoint staged in memory until the upload thread has written it to local disk."""
+    """One checkpoint staged in memory until the checkpointer's writer thread has written it to
+    local disk; the same thread then uploads and (rank 0) commits it."""
 
-    def __init__(self, fmt, staged: dict | None, small: dict[str, bytes]):
-        self.fmt, self.staged, self.small = fmt, staged, small
+    def __init__(self, fmt, staged: dict | None, small: dict[str, bytes], folder: str):
+        self.fmt, self.staged, self.small, self.folder = fmt, staged, small, folder
         self.written = threading.Event()
+        self.future = None
 
-    def write(self, folder: str) -> None:
-        if self.written.is_set():
-            return  # written already (Ray retries an upload that failed afterwards)
+    def write(self) -> float:
+        started = time.time()
         try:
             if self.staged is not None:
-                self.fmt.write(self.staged, folder)
+                self.fmt.write(self.staged, self.folder)  # fsdp: a collective, every rank's writer at once
             for rel, data in self.small.items():
-                with open(os.path.join(folder, rel), "wb") as f:
+                with open(os.path.join(self.folder, rel), "wb") as f:
                     f.write(data)
         finally:
-            self.release()
-
-    def release(self) -> None:
-        self.staged, self.small = None, {}
-        self.written.set()
+            self.staged, self.small = None, {}  # the staged copy is freed here
+            self.written.set()
+        return time.time() - started
 
 
 class Checkpointer:
@@ -173,12 +174,18 @@ class Checkpointer:
         self.strategy = strategy
         self.model, self.optimizer = strategy.model, strategy.optimizer  # unwrapped: no DDP prefixes
         self.scheduler = scheduler
-        # DCP's collectives run in the upload thread: a gloo group of their own, never FSDP's.
+        # DCP's collectives run in the writer thread: a gloo group of their own, never FSDP's.
         group = sharded.new_group() if strategy.sharded else None
         self.format = (_Sharded if strategy.sharded else _Full)(self.model, self.optimizer, group)
+        self.group = group
         self.run = resolve(plan.run_uri)
         self.progress_initial = 0
         self.in_flight: _Pending | None = None
+        # One writer thread, FIFO: write, upload, (fsdp) gather every rank's file list, commit.
+        # Every rank persists its checkpoints in the same order, so DCP's and the gather's
+        # collectives line up; at most one staged copy waits while the previous one uploads.
+        self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
+        self.committer = Committer(plan) if rank == 0 else None
 
     # --- which checkpoint ------------------------------------------------------------------
 
@@ -259,9 +266,8 @@ class Checkpointer:
 
     def save(self, state: TrainState, files_done: int, preempted: bool = False) -> None:
         """Every rank calls this at the same step (a collective). The writers (rank 0 under ddp,
-        every rank under fsdp) stage their state in memory and report it; Ray's upload thread
-        writes, hashes and uploads it (_upload_fn), and the controller commits it once every
-        writer's files are in storage (ray_job/commit.py)."""
+        every rank under fsdp) stage their state in memory; their writer threads write, hash,
+        upload and commit it (_persist); Ray's report registers it."""
         name = CheckpointName(epoch=state.epoch, step=state.step, files=files_done)
         started = time.time()
         if self.in_flight is not None:  # one staged copy at a time (bounded memory)
@@ -280,16 +286,17 @@ class Checkpointer:
             "loss": state.loss_history[-1][1] if state.loss_history else None,
             "val_loss": last_val[1] if last_val else None,
             "best_loss": state.best_loss, "progress_initial": self.progress_initial,
-            "checkpoint": str(name), "rank": self.rank, "world_size": self.world,
+            "checkpoint": str(name),
         }
         small: dict[str, bytes] = {}
+        commit_fields = None
         if self.rank == 0:
             buf = io.BytesIO()
             torch.save(copy.deepcopy(self.scheduler.state_dict()), buf)
             small[manifest.SCHEDULER] = buf.getvalue()
             small[manifest.METRICS] = json.dumps(state.metrics_dict()).encode()
             small.update({manifest.rng_file(r): blob for r, blob in enumerate(blobs)})
-            metrics["commit"] = {  # the controller adds config, data index and manifest
+            commit_fields = {  # trainers/commit.py adds config, data index and manifest
                 "name": str(name), "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "files_processed": name.files, "train_loss": metrics["loss"],
                 "val_loss": last_val[1] if last_val and last_val[0] == state.step else None,
@@ -303,48 +310,54 @@ class Checkpointer:
             ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=str(name),
                              checkpoint_upload_mode=mode)
             return
-        pending = self.in_flight = _Pending(self.format, staged, small)
+        folder = tempfile.mkdtemp(prefix=f"{name}-rank{self.rank}-")  # the writer thread removes it
+        pending = self.in_flight = _Pending(self.format, staged, small, folder)
+        pending.future = self.writer.submit(self._persist, pending, str(name), commit_fields)
         staged_mb = sum(v.numel() * v.element_size() for v in _tensors(staged)) / 2**20
         self.say(f"\n💾 Staged {name} in memory in {time.time() - started:.2f}s ({staged_mb:.1f} MB on "
                  f"rank 0{', waited ' + format(waited, '.2f') + 's for the previous one' if waited > 0.01 else ''}); "
                  f"writing and uploading {'in the background' if mode is CheckpointUploadMode.ASYNC else 'now'}")
-        folder = tempfile.mkdtemp(prefix=f"{name}-rank{self.rank}-")  # must outlive report(): async upload
-        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder),
-                         checkpoint_dir_name=str(name), checkpoint_upload_mode=mode,
-                         delete_local_checkpoint_after_upload=True,
-                         checkpoint_upload_fn=self._upload_fn(pending, metrics))
-        self.say(f"⏱️  Training blocked {time.time() - started:.3f}s for {name} ({mode.value.lower()} upload)")
+        dest = self.run.child(str(name))
 
-    def _upload_fn(self, pending: _Pending, metrics: dict):
-        launch_id, run, rank = self.plan.launch_id, self.run, self.rank
-
-        def upload(checkpoint: Checkpoint, dir_name: str) -> Checkpoint:
-            """Runs in Ray's upload thread: write the staged state, hash it, copy it into the
-            named folder. This rank's file list goes back in its metrics: Ray hands the same
-            dict to the controller after this returns (train/v2 context.py _upload_checkpoint),
-            where ray_job/commit.py writes metadata.json from every writer's lists."""
-            started = time.time()
-            dest = run.child(dir_name)
-            try:
-                pending.write(checkpoint.path)  # under fsdp a collective: every rank writes at once
-                written = time.time()
-                files = manifest.digest_folder(checkpoint.path)
-                existing = manifest.check(dest)
-                if existing.ok and existing.metadata.get("launch_id") == launch_id:
-                    # A retry regenerated a checkpoint this launch already wrote: same state, keep it.
-                    if rank == 0:
-                        _say(f"☁️  {dir_name} is already in storage from this run; keeping it")
-                else:
-                    transfer.upload_files(checkpoint.path, dest)
-            except BaseException:
-                pending.release()  # never leave the training thread waiting on it
-                shutil.rmtree(checkpoint.path, ignore_errors=True)  # Ray deletes it only on success
-                raise
-            metrics["files"] = files
-            metrics["write_s"], metrics["upload_s"] = written - started, time.time() - written
+        def registered(checkpoint: Checkpoint, dir_name: str) -> Checkpoint:
+            """Ray's upload step (its upload thread under ASYNC, this thread under SYNC): the
+            writer thread has done the work; Ray records the committed folder."""
+            pending.future.result()  # the writer's error, if any, is raised here: Ray fails the run
             return Checkpoint(path=dest.path, filesystem=dest.fs)
 
-        return upload
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder),
+                         checkpoint_dir_name=str(name), checkpoint_upload_mode=mode,
+                         delete_local_checkpoint_after_upload=False, checkpoint_upload_fn=registered)
+        self.say(f"⏱️  Training blocked {time.time() - started:.3f}s for {name} ({mode.value.lower()} upload)")
+
+    def _persist(self, pending: _Pending, name: str, commit_fields: dict | None) -> None:
+        """The writer thread: write the staged state to local disk, hash it, upload it into the
+        named folder, then commit. Under fsdp every rank's file list reaches rank 0 through a
+        gather that each rank joins only after its own upload: metadata.json is written when
+        every rank's shards are in storage (trainers/commit.py)."""
+        dest = self.run.child(name)
+        try:
+            write_s = pending.write()
+            written = time.time()
+            files = manifest.digest_folder(pending.folder)
+            existing = manifest.check(dest)
+            if existing.ok and existing.metadata.get("launch_id") == self.plan.launch_id:
+                # A retry regenerated a checkpoint this launch already committed: same state, keep it.
+                self.say(f"☁️  {name} is already in storage from this run; keeping it")
+            else:
+                transfer.upload_files(pending.folder, dest)
+        finally:
+            shutil.rmtree(pending.folder, ignore_errors=True)
+        report = {"rank": self.rank, "world_size": self.world, "files": files, "write_s": write_s,
+                  "upload_s": time.time() - written}
+        if commit_fields is not None:
+            report["commit"] = commit_fields
+        reports = [report]
+        if self.strategy.sharded:
+            reports = [None] * self.world
+            dist.all_gather_object(reports, report, group=self.group)
+        if self.committer is not None:
+            self.committer.commit_and_retain(name, reports)
 
 
 def _tensors(tree):

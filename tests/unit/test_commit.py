@@ -1,6 +1,6 @@
-"""ray_job/commit.py without Ray: the controller's commit writes metadata.json only when every
-writing rank reported its files and storage holds each at its size; otherwise the checkpoint
-stays incomplete. The metrics are what trainers/checkpointer.py reports."""
+"""trainers/commit.py without Ray: rank 0's commit writes metadata.json only when every writing
+rank reported its files and storage holds each at its size; otherwise the checkpoint stays
+incomplete. The reports are what trainers/checkpointer.py's writer threads gather."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import os
 import pytest
 
 from configs import load
-from ray_job.commit import CommitCheckpoints
 from storage import manifest
 from storage.location import resolve
 from storage.manifest import Status
+from trainers.commit import Committer
 from trainers.data import DataIndex
 from trainers.launch_plan import LaunchPlan
 
@@ -52,7 +52,7 @@ def _upload(tmp_path, files: dict, rank: int) -> dict:
 
 def test_commit_after_every_ranks_shards_gives_a_complete_checkpoint(tmp_path, capsys):
     reports = [_upload(tmp_path, RANK0, 0), _upload(tmp_path, RANK1, 1)]
-    assert CommitCheckpoints(_plan(tmp_path)).commit(NAME, reports)
+    assert Committer(_plan(tmp_path)).commit(NAME, reports)
     result = manifest.check(resolve(str(tmp_path / "run" / NAME)), verify_hashes=True)
     assert result.ok, result.reason
     meta = result.metadata
@@ -61,7 +61,7 @@ def test_commit_after_every_ranks_shards_gives_a_complete_checkpoint(tmp_path, c
     assert meta["config"]["train"]["strategy"] == "fsdp" and meta["data_index"]["rows"] == [64] * 6
     assert "☁️  Uploaded checkpoint-epoch0-step8-files2" in capsys.readouterr().out
     # Ray may hand the same round again after a retry: committed once, never rewritten
-    assert not CommitCheckpoints(_plan(tmp_path)).commit(NAME, reports)
+    assert not Committer(_plan(tmp_path)).commit(NAME, reports)
 
 
 @pytest.mark.parametrize("lose", ["rank 1 never reported", "rank 1's file is not in storage",
@@ -75,7 +75,7 @@ def test_a_rank_that_did_not_finish_leaves_the_checkpoint_incomplete(tmp_path, c
         shard.unlink()
     else:
         shard.write_bytes(b"b" * 100)
-    assert not CommitCheckpoints(_plan(tmp_path)).commit(NAME, reports)
+    assert not Committer(_plan(tmp_path)).commit(NAME, reports)
     assert not os.path.exists(tmp_path / "run" / NAME / "metadata.json")
     assert manifest.check(resolve(str(tmp_path / "run" / NAME))).status is Status.INCOMPLETE
     assert "is not committed" in capsys.readouterr().out
@@ -85,6 +85,6 @@ def test_ddp_commits_rank_0s_files_alone(tmp_path):
     files = {"model.safetensors": b"w" * 50, "optimizer.pt": b"o" * 90, "scheduler_state.pt": b"s",
              "rng_state_rank0.pt": b"r0", "rng_state_rank1.pt": b"r1", "training_metrics.json": b"{}"}
     reports = [_upload(tmp_path, files, 0), {"rank": 1, "world_size": 2}]  # rank 1 reports no checkpoint
-    assert CommitCheckpoints(_plan(tmp_path, "ddp")).commit(NAME, reports)
+    assert Committer(_plan(tmp_path, "ddp")).commit(NAME, reports)
     result = manifest.check(resolve(str(tmp_path / "run" / NAME)), verify_hashes=True)
     assert result.ok and result.metadata["strategy"] == "ddp" and "shards" not in result.metadata

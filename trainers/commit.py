@@ -1,38 +1,31 @@
-"""The commit: metadata.json written once every writer's files are in storage, on Ray Train's
-controller, then retention.
+"""The commit: metadata.json, written once every writing rank's files are in storage, then
+retention. Rank 0 does it in its checkpoint writer thread (trainers/checkpointer.py).
 
-Each writing rank (rank 0 under ddp, every rank under fsdp) uploads its own files from Ray's
-upload thread and reports their sizes and hashes in its metrics (trainers/checkpointer.py).
-Ray Train calls ``after_report`` once per report round, on the controller, after *every* rank's
-upload has returned (train/v2 ReportCallbackHandler consolidates a round only when each rank
-has reported). So this is the one place that sees the whole checkpoint: it checks that every
-writer reported and that storage holds each listed file at its size, builds metadata.json (the
-resolved config, the data index and the manifest of every rank's files) and creates it,
-create-only. A checkpoint some rank never finished (a crash mid-upload, a preempted node) gets
-no metadata.json and stays incomplete: `latest` skips it and naming it is refused.
+Each writing rank (rank 0 under ddp, every rank under fsdp) uploads its own files and describes
+them (sizes and hashes); under fsdp the ranks' writer threads exchange these descriptions with a
+gather on the checkpoint process group, after each rank's upload, so rank 0 holds every rank's
+list only when every rank's files are in storage. ``commit`` checks that every writer reported
+and that storage holds each listed file at its size, builds metadata.json (rank 0's progress,
+the resolved config, the data index, the manifest of every rank's files and which rank wrote
+which) and creates it, create-only. A checkpoint some rank never finished (a crash
+mid-upload) gets no metadata.json and stays incomplete: `latest` skips it and naming it is
+refused.
 
-Ray registers the checkpoint before this runs; a crash in between leaves a registered folder
-with no metadata.json, which every reader already treats as incomplete (storage/manifest.py).
+Why not Ray Train's controller (UserCallback.after_report, which also runs after every rank's
+upload)? It consumes one report round per poll, about one a second here, so a commit there
+lags the uploads by a round or more, and a crash in that window loses a finished checkpoint.
 """
 
 from __future__ import annotations
 
 import json
-import posixpath
-import sys
 import time
 from dataclasses import asdict
-
-from ray.train import UserCallback
 
 from storage import manifest, retention, transfer
 from storage.location import resolve
 from trainers.launch_plan import LaunchPlan
-
-
-def _say(message: str) -> None:
-    sys.stdout.write(message + "\n")  # forwarded to the driver's console by Ray
-    sys.stdout.flush()
+from trainers.logs import say as _say
 
 
 def checkpoint_metadata(plan: LaunchPlan, progress: dict, world_size: int, files: dict,
@@ -52,33 +45,29 @@ def checkpoint_metadata(plan: LaunchPlan, progress: dict, world_size: int, files
     return manifest.with_manifest(metadata, files)
 
 
-class CommitCheckpoints(UserCallback):
-    """Runs in the TrainController process; a failed commit is logged, never fatal (the
-    checkpoint stays incomplete and the next one is tried as usual)."""
+class Committer:
+    """Rank 0's side of every checkpoint of a launch: the commit and retention after it."""
 
-    def __init__(self, plan: LaunchPlan):
-        self.plan = plan
+    def __init__(self, plan: LaunchPlan, say=_say):
+        self.plan, self.say = plan, say
         resumed = plan.resume
         self.policy = retention.Policy(
             keep_last=plan.config.checkpoint.keep_last, keep_best=plan.config.checkpoint.keep_best,
             protect=frozenset([resumed.name]) if resumed and resumed.uri.startswith(plan.run_uri) else frozenset(),
         )
 
-    def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
-        if checkpoint is None:
-            return
-        name = posixpath.basename(checkpoint.path.rstrip("/"))
-        try:
-            committed = self.commit(name, metrics)
-        except Exception as e:  # storage errors: the checkpoint stays incomplete, training goes on
-            _say(f"❌ {name} was not committed ({type(e).__name__}: {e}); it stays incomplete")
-            return
+    def commit_and_retain(self, name: str, reports: list[dict]) -> bool:
+        """commit, then retention if it committed; storage errors are raised (the save fails
+        loudly, as an upload that fails)."""
+        committed = self.commit(name, reports)
         if committed:
-            run = resolve(self.plan.run_uri)
-            for deleted in retention.apply(run, self.policy, log=_say):
-                _say(f"🧹 Retention deleted {deleted}")
+            for deleted in retention.apply(resolve(self.plan.run_uri), self.policy, log=self.say):
+                self.say(f"🧹 Retention deleted {deleted}")
+        return committed
 
     def commit(self, name: str, metrics: list[dict]) -> bool:
+        """metrics: each rank's report ({rank, world_size, files, write_s, upload_s}; rank 0's
+        with the commit fields). False, with a line said, when the checkpoint stays incomplete."""
         started = time.time()
         dest = resolve(self.plan.run_uri).child(name)
         reports = {m.get("rank"): m for m in metrics}
@@ -88,8 +77,8 @@ class CommitCheckpoints(UserCallback):
         writers = range(world) if sharded else [0]
         missing = [r for r in writers if "files" not in reports.get(r, {})]
         if missing or "commit" not in head:
-            _say(f"⚠️  {name} is not committed: rank(s) {missing or [0]} did not report their files "
-                 "(a rank failed or left mid-save); it stays incomplete and is never resumed")
+            self.say(f"⚠️  {name} is not committed: rank(s) {missing or [0]} did not report their files "
+                      "(a rank failed or left mid-save); it stays incomplete and is never resumed")
             return False
         files: dict = {}
         shards: dict[str, list[str]] = {}
@@ -105,7 +94,7 @@ class CommitCheckpoints(UserCallback):
             return False  # a retry regenerated it: this launch committed it already
         absent = transfer.missing_or_wrong_size(dest, files)
         if absent:
-            _say(f"⚠️  {name} is not committed: {absent[0]} is not in storage at its size; it stays "
+            self.say(f"⚠️  {name} is not committed: {absent[0]} is not in storage at its size; it stays "
                  "incomplete and is never resumed")
             return False
         metadata = checkpoint_metadata(self.plan, head["commit"], world, files, shards if sharded else None)
@@ -113,6 +102,6 @@ class CommitCheckpoints(UserCallback):
         size_mb = sum(f["size"] for f in files.values()) / 2**20
         slowest = max(reports[r].get("write_s", 0) + reports[r].get("upload_s", 0) for r in writers)
         who = f"{len(writers)} ranks' shards" if sharded else "rank 0"
-        _say(f"☁️  Uploaded {name} to {dest.uri} ({size_mb:.1f} MB from {who}; written and uploaded "
+        self.say(f"☁️  Uploaded {name} to {dest.uri} ({size_mb:.1f} MB from {who}; written and uploaded "
              f"in {slowest:.2f}s, committed in {time.time() - started:.2f}s)")
         return True
