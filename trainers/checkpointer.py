@@ -86,10 +86,11 @@ class _Sharded:
     def __init__(self, model, optimizer, group):
         self.model, self.optimizer, self.group = model, optimizer, group
         self.writers = frozenset(range(dist.get_world_size()))
+        self.stager = sharded.Stager()
 
     def stage(self) -> dict:
         msd, osd = get_state_dict(self.model, self.optimizer)
-        return sharded.stage({"model": msd, "optim": osd})
+        return self.stager.stage({"model": msd, "optim": osd})
 
     def write(self, staged: dict, folder: str) -> None:
         sharded.save(staged, folder, self.group)  # collective over self.group: every rank at once
@@ -145,7 +146,8 @@ def load_model_and_optimizer(model, optimizer, into_shards: bool, folder: str, m
 
 class _Pending:
     """One checkpoint staged in memory until the checkpointer's writer thread has written it to
-    local disk; the same thread then uploads and (rank 0) commits it."""
+    local disk (the staged buffers may then be reused); the same thread then uploads and (rank 0)
+    commits it."""
 
     def __init__(self, fmt, staged: dict | None, small: dict[str, bytes], folder: str):
         self.fmt, self.staged, self.small, self.folder = fmt, staged, small, folder
@@ -161,7 +163,7 @@ class _Pending:
                 with open(os.path.join(self.folder, rel), "wb") as f:
                     f.write(data)
         finally:
-            self.staged, self.small = None, {}  # the staged copy is freed here
+            self.staged, self.small = None, {}  # written: the staged copy may be freed or reused
             self.written.set()
         return time.time() - started
 

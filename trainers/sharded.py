@@ -254,12 +254,28 @@ def save(staged: dict, folder: str, group=None) -> None:
         raise RuntimeError(f"DCP save failed: {type(inner).__name__}: {inner}") from None
 
 
-def stage(state_dict: dict) -> dict:
-    """A CPU copy of state_dict (DTensors stay DTensors): what a background write may read
-    while training changes the originals."""
-    from torch.distributed.checkpoint.staging import BlockingAsyncStager
+class Stager:
+    """CPU copies of a state dict (DTensors stay DTensors) for a background write to read while
+    training changes the originals. The buffers are allocated on the first save and reused
+    (pinned on GPU, for fast device-to-host copies): one copy of this rank's state, kept; the
+    checkpointer waits until the previous copy is written before it stages the next.
 
-    return BlockingAsyncStager().stage(state_dict)
+    torch's own BlockingAsyncStager caches only with pinned memory, which a CPU-only build
+    cannot allocate; these are the helpers it uses."""
+
+    def __init__(self):
+        self.cache = None
+
+    def stage(self, state_dict: dict) -> dict:
+        from torch.distributed._state_dict_utils import CompanionMismatch, _copy_state_dict, _create_cpu_state_dict
+
+        if self.cache is not None:
+            try:  # tensors copied into the cached buffers; other leaves (lr, betas) taken as they are now
+                return _copy_state_dict(state_dict, self.cache)
+            except (CompanionMismatch, KeyError, ValueError, RuntimeError, TypeError):
+                self.cache = None  # the state's shape changed: allocate again
+        self.cache = _create_cpu_state_dict(state_dict, pin_memory=torch.cuda.is_available())
+        return _copy_state_dict(state_dict, self.cache)
 
 
 def new_group():

@@ -238,3 +238,20 @@ def test_safe_load_of_a_clean_checkpoint_and_files_outside_the_manifest(tmp_path
     assert seen == ["__0_0.distcp"]  # what this reader asked to have fetched
     with pytest.raises(sharded.UnsafeCheckpoint, match="'__0_0.distcp', which metadata.json does not list"):
         sharded.load(target, str(tmp_path / "ck"), {".metadata"}, no_dist=True)
+
+
+def test_stager_reuses_its_buffers_and_stages_the_state_as_it_is_now():
+    stager = sharded.Stager()
+    w = torch.arange(6.0)
+    state = {"model": {"w": w}, "optim": {"param_groups": [{"lr": 0.1, "betas": (0.9, 0.99)}]}}
+    first = stager.stage(state)
+    assert torch.equal(first["model"]["w"], w) and first["model"]["w"].data_ptr() != w.data_ptr()
+    w += 1  # training moves on: the staged copy does not
+    assert torch.equal(first["model"]["w"], torch.arange(6.0))
+    state["optim"]["param_groups"][0]["lr"] = 0.05
+    second = stager.stage(state)
+    assert second["model"]["w"].data_ptr() == first["model"]["w"].data_ptr()  # the same buffer
+    assert torch.equal(second["model"]["w"], w) and second["optim"]["param_groups"][0]["lr"] == 0.05
+    state["model"]["extra"] = torch.ones(2)  # the shape changed: new buffers
+    third = stager.stage(state)
+    assert torch.equal(third["model"]["extra"], torch.ones(2))
