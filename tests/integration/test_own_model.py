@@ -46,6 +46,23 @@ def test_own_model_resumes_bitwise_exactly(runs, ray_address):
     assert other.err.count("\n") == 1 and "trained with another model" in other.err, other.err
 
 
+def test_own_model_sharded_by_named_class_continues_a_ddp_checkpoint(runs, ray_address):
+    """model.shard_modules names the user's block (no nn.ModuleList here); the ddp checkpoint at
+    step 6 loads spread over the shards and training goes on close to the ddp run (the
+    gradient reduction differs: reduce-scatter, not all-reduce)."""
+    source = runs.ckpt("own-chain", "checkpoint-epoch0-step6-files1")
+    sharded = ["--set", "train.strategy=fsdp", "--set", "model.shard_modules=[Sequential]"]
+    p = launcher.run(_args(runs, "own-fsdp", *sharded, "--resume", source, "--max-steps", 12), ray_address=ray_address)
+    assert p.rc == 0, p.out[-4000:]
+    assert "🧩 fsdp: 1 blocks and the root sharded over 2 workers" in p.out
+    assert "🔀 checkpoint-epoch0-step6-files1 was written under ddp; loading it into fsdp" in p.out
+    ddp = read_json(runs.ckpt("own-straight", FINAL) / "training_metrics.json")["loss_history"]
+    fsdp = read_json(runs.ckpt("own-fsdp", FINAL) / "training_metrics.json")["loss_history"]
+    assert fsdp[:6] == ddp[:6] and len(fsdp) == 12
+    assert max(abs(a - b) for (_, a), (_, b) in zip(fsdp[6:], ddp[6:])) < 1e-3, (fsdp, ddp)
+    assert read_json(runs.ckpt("own-fsdp", FINAL) / "metadata.json")["shards"].keys() == {"0", "1"}
+
+
 def test_a_factory_that_does_not_import_is_refused_in_seconds(tmp_path):
     for factory, why in (("no_such_pkg.models:build", "ModuleNotFoundError"),
                          ("tests.integration.user_models.tiny:nope", "AttributeError")):
