@@ -112,13 +112,15 @@ def cmd_show(args) -> int:
     print(f"{args.name}  [{result.status.value}{': ' + result.reason if result.reason else ''}]")
     print(f"  uri:            {loc.uri}")
     for key in ("step", "epoch", "files_processed", "samples_in_epoch", "best_loss", "best_val_loss",
-                "train_loss", "val_loss", "world_size", "global_batch_size", "created_at", "run_name"):
+                "train_loss", "val_loss", "world_size", "strategy", "global_batch_size", "created_at", "run_name"):
         if key in meta:
             print(f"  {key + ':':<20}{meta[key]}")
     if meta.get("resumed_from"):
         print(f"  resumed_from:   {meta['resumed_from']['name']}")
+    writer = {f: r for r, files in (meta.get("shards") or {}).items() for f in files}
     for rel, info in sorted(meta.get("files", {}).items()):
-        print(f"  {rel:<28} {_size(info['size']):>8}  sha256 {info['sha256'][:16]}...")
+        by = f"  rank {writer[rel]}" if rel in writer else ""
+        print(f"  {rel:<28} {_size(info['size']):>8}  sha256 {info['sha256'][:16]}...{by}")
     if metrics:
         print(f"  history: {len(metrics.get('loss_history', []))} loss, {len(metrics.get('lr_history', []))} LR, "
               f"{len(metrics.get('val_history', []))} validation entries; resumes at "
