@@ -20,8 +20,10 @@ from configs.schema import (
 def test() -> Config:
     """2 CPU workers, a 6-file byte-level corpus from the stdlib: 24 steps an epoch, 40 steps,
     a checkpoint every 8 (mid-file, mid-epoch and at the epoch boundary), under two minutes.
-    Ray Data blocks of 3 steps: several blocks per rank and a padded last chunk, as at scale."""
-    return Config(name="test", data=DataSection(steps_per_block=3))
+    Ray Data blocks of 3 steps: several blocks per rank and a padded last chunk, as at scale.
+    Shuffle windows of 2 steps (32 samples, half a file): twelve windows an epoch, so resumes
+    skip whole windows and start reading mid-file and mid-row-group (step 10: file 3, row 32)."""
+    return Config(name="test", data=DataSection(steps_per_block=3, shuffle_window=32))
 
 
 def production() -> Config:

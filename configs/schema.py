@@ -115,6 +115,15 @@ class DataSection:
     """Prepared dataset only: rows per parquet row group (the unit a resume reads from)."""
     shuffle_seed: int = 0
     """The order of files in epoch E is a permutation drawn from (shuffle_seed, E)."""
+    shuffle: str = "window"
+    """'window': the samples of each window of shuffle_window samples (in the epoch's file
+    order) are shuffled by a permutation drawn from (shuffle_seed, E, window): batches mix the
+    corpus, resume stays exact and each row is still read once. 'files': files permuted, rows in
+    file order (a global batch is G neighbouring samples)."""
+    shuffle_window: int = 0
+    """Samples per shuffle window, rounded down to whole global batches (at least one); 0: about
+    256 MB of samples (a small corpus shuffles over its whole epoch). A resume reads its
+    cursor's window whole, so this bounds the data read but not trained on at a resume."""
     steps_per_block: int = 0
     """Ray Data ingest: steps of data per block each rank receives (k); 0 sizes blocks to about
     1 MB per rank. Larger blocks cost fewer Ray Data round trips, smaller ones start faster."""
@@ -125,6 +134,9 @@ class DataSection:
         for name in ("train_files", "samples_per_file", "val_samples", "row_group_size"):
             _require(getattr(self, name) > 0, f"data.{name}", "must be positive")
         _require(self.shuffle_seed >= 0, "data.shuffle_seed", "must be >= 0")
+        _require(self.shuffle in ("window", "files"), "data.shuffle",
+                 f"must be 'window' or 'files', got {self.shuffle!r}")
+        _require(self.shuffle_window >= 0, "data.shuffle_window", "must be >= 0 (0: about 256 MB of samples)")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -146,6 +146,29 @@ def check_compatible(choice: ResumeChoice, cfg: Config, max_steps: int,
         )
 
 
+def check_same_order(choice: ResumeChoice, cfg: Config, token_dtype: str) -> str | None:
+    """Refuse to change the sample order mid-epoch (samples would repeat or be skipped); at an
+    epoch boundary it may change: returns a line saying so."""
+    from trainers.data import sample_order
+
+    meta = choice.metadata
+    saved_seed = meta.get("config", {}).get("data", {}).get("shuffle_seed", 0)
+    saved = meta.get("sample_order") or {"shuffle": "files", "window": 0, "seed": saved_seed}
+    ours = sample_order(cfg, token_dtype)
+    if saved == ours:
+        return None
+    what = (f"shuffle={saved['shuffle']}, window {saved['window']}, seed {saved['seed']} -> "
+            f"shuffle={ours['shuffle']}, window {ours['window']}, seed {ours['seed']}")
+    if meta["samples_in_epoch"]:
+        raise UserError(
+            f"--resume {choice.name}: it stopped {meta['samples_in_epoch']} samples into epoch {meta['epoch']} "
+            f"in another sample order ({what}); changing it mid-epoch would repeat and skip samples. Keep "
+            f"--set data.shuffle={saved['shuffle']} --set data.shuffle_window={saved['window']} "
+            f"--set data.shuffle_seed={saved['seed']}, or resume from an epoch boundary"
+        )
+    return f"⚠️  {choice.name} is at an epoch boundary: the sample order changes from here ({what})"
+
+
 def check_no_overwrite(run: Location, choice: ResumeChoice | None) -> None:
     """Never let this run write names that a newer checkpoint of the same run already has.
 

@@ -51,6 +51,10 @@ def prepare(argv: list[str] | None = None) -> tuple:
     else:  # prepares the test corpus if asked; checks the folder, the files, one sample's length
         index = data_check.fresh_index(data, cfg, verbose=args.verbose)
     token_dtype = data_check.token_dtype(data, cfg)  # dataset.json's width (uint8: byte tokens)
+    if choice is not None:
+        note = resume.check_same_order(choice, cfg, token_dtype)
+        if note:
+            print(note)
     if index.total_rows < cfg.train.global_batch_size:
         raise UserError(f"data.path {data.uri}: {index.total_rows} train samples, fewer than one "
                         f"global batch ({cfg.train.global_batch_size}); lower "

@@ -24,6 +24,7 @@ from dataclasses import asdict
 
 from storage import manifest, retention, transfer
 from storage.location import resolve
+from trainers.data import sample_order
 from trainers.launch_plan import LaunchPlan
 from trainers.logs import say as _say
 
@@ -38,6 +39,7 @@ def checkpoint_metadata(plan: LaunchPlan, progress: dict, world_size: int, files
         "run_name": cfg.run_name, "launch_id": plan.launch_id, "world_size": world_size,
         "global_batch_size": cfg.train.global_batch_size, "strategy": cfg.train.strategy,
         "config": asdict(cfg), "data_index": plan.data_index.to_json(),
+        "sample_order": sample_order(cfg, plan.token_dtype),
         "resumed_from": asdict(plan.resume) if plan.resume else None,
     }
     if shards is not None:

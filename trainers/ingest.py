@@ -37,12 +37,14 @@ import pyarrow.parquet as pq
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
-from trainers.data import DataIndex, EpochOrder
+from trainers.data import ROW_OVERHEAD, DataIndex, EpochOrder, SampleOrder, shuffle_window, window_permutation
 from trainers.launch_plan import LaunchPlan
 
-ROW_OVERHEAD = 8 + 4 + 8  # id, epoch, pos beside the tokens
 BLOCK_BYTES_PER_RANK = 1 << 20  # ~1 MB per rank per block: several steps, a small fixed cost
 READ_CPUS = 0.5  # reads wait on storage; and != the reorder's 1 CPU (see Stream.dataset)
+SHUFFLE_CPUS = 0.25  # a take() per window; != the read's and the reorder's, so never fused with them
+ALIGN = -2  # epoch of the filler that pads an epoch's short last window to a whole window
+PAD = -1  # epoch of the filler that pads the stream's end to a whole chunk
 
 
 class DataOrderError(RuntimeError):
@@ -66,19 +68,28 @@ class Piece:
 
 
 def pieces(index: DataIndex, seed: int, global_batch: int, epoch: int, cursor: int,
-           steps: int) -> list[Piece]:
-    """The file pieces holding the next `steps` global batches from (epoch, cursor), in order."""
+           steps: int, window: int = 0) -> list[Piece]:
+    """The file pieces holding the next `steps` global batches from (epoch, cursor), in order.
+
+    window (data.shuffle=window): whole windows are read, from the cursor's window's first
+    sample to the end of the window holding the last one, each exactly `window` rows (an
+    epoch's short last window is followed by an ALIGN filler piece), so the shuffle stage gets
+    one window per batch."""
     if cursor % global_batch:
         raise ValueError(f"cursor {cursor} is not a multiple of the global batch {global_batch}")
     out: list[Piece] = []
     while steps > 0:
-        order = EpochOrder.make(index, seed, epoch)
+        order = SampleOrder.make(index, seed, epoch, global_batch, window)
         per_epoch = order.steps(global_batch)
         if per_epoch == 0:
             raise ValueError(f"the dataset has {index.total_rows} samples, fewer than one global "
                              f"batch ({global_batch})")
         take = min(steps, per_epoch - cursor // global_batch)
-        out += epoch_pieces(order, epoch, cursor, cursor + take * global_batch)
+        stop = cursor + take * global_batch
+        last_start, read_to = order.window_bounds(stop - 1) if window else (cursor, stop)
+        out += epoch_pieces(order.files, epoch, order.read_start(cursor), read_to)
+        if window and read_to - last_start < window:
+            out.append(Piece(ALIGN, "", 0, window - (read_to - last_start), -1))
         steps -= take
         epoch, cursor = epoch + 1, 0
     return out
@@ -171,14 +182,44 @@ def read_piece(data_uri: str, piece: Piece, audit_dir: str | None) -> Iterator[p
             }, schema=SCHEMA)
 
 
-def filler(rows: int, row_bytes: int) -> Iterator[pa.Table]:
-    """Rows that pad the stream to a whole chunk: read from nowhere, trained on by no one."""
+def filler(rows: int, row_bytes: int, epoch: int = PAD) -> Iterator[pa.Table]:
+    """Rows that pad the stream to a whole chunk (PAD) or a short window to a whole one (ALIGN):
+    read from nowhere, trained on by no one."""
     yield pa.table({
         "id": pa.array(np.full(rows, -1, dtype=np.int64)),
         "tokens": pa.array([bytes(row_bytes)] * rows, type=pa.binary()),
-        "epoch": pa.array(np.full(rows, -1, dtype=np.int32)),
+        "epoch": pa.array(np.full(rows, epoch, dtype=np.int32)),
         "pos": pa.array(np.full(rows, -1, dtype=np.int64)),
     }, schema=SCHEMA)
+
+
+def window_shuffle(batch: pa.Table, window: int, seed: int, row_bytes: int, first: tuple[int, int],
+                   last: tuple[int, int], pad: int) -> pa.Table:
+    """One window, read in file order (then its ALIGN filler) -> its samples in trained order,
+    with trained positions: offset o gets the sample at S[start + perm[o]], perm from (seed,
+    epoch, window) as trainers/data.py's SampleOrder. Keeps positions from `first` (epoch,
+    cursor) up to `last` (epoch, stop); after the stream's last window, `pad` PAD rows."""
+    epochs = batch.column("epoch").to_numpy()
+    real = batch.filter(pa.array(epochs >= 0)) if (epochs < 0).any() else batch
+    pos = real.column("pos").to_numpy()
+    epoch = int(epochs[0]) if len(epochs) else -1
+    start = int(pos[0]) - int(pos[0]) % window if len(pos) else -1
+    if (len(pos) == 0 or batch.num_rows != window or (real.column("epoch").to_numpy() != epoch).any()
+            or (pos != np.arange(start, start + len(pos))).any()):
+        raise DataOrderError(f"the shuffle stage got {batch.num_rows} rows that are not one whole window of "
+                             f"{window} (epoch:position {_describe(epochs, batch.column('pos').to_numpy())})")
+    perm = window_permutation(seed, epoch, start // window, len(pos))
+    shuffled = real.take(pa.array(perm)).set_column(3, "pos", pa.array(np.arange(start, start + len(pos))))
+    trained = np.arange(start, start + len(pos))
+    keep = np.ones(len(pos), dtype=bool)
+    if epoch == first[0]:
+        keep &= trained >= first[1]
+    if epoch == last[0]:
+        keep &= trained < last[1]
+    out = shuffled.filter(pa.array(keep)) if not keep.all() else shuffled
+    if epoch == last[0] and start <= last[1] - 1 < start + len(pos) and pad:
+        out = pa.concat_tables([out, *filler(pad, row_bytes)])
+    return out
 
 
 def _audit(folder: str | None, record: dict) -> None:
@@ -209,6 +250,7 @@ class Stream:
     steps: int
     steps_per_block: int = 0  # 0: ~1 MB per rank per block
     audit_dir: str | None = None
+    window: int = 0  # data.shuffle=window: samples per shuffle window; 0: file order
 
     def dataset(self):
         """The Ray Dataset; its split deals rank r exactly its slices, in step order."""
@@ -216,10 +258,21 @@ class Stream:
 
         G, W = self.global_batch, self.world
         k = steps_per_block(G, W, self.row_bytes, self.steps, self.steps_per_block)
-        source = CursorDatasource(self, pieces(self.index, self.seed, G, self.epoch, self.cursor,
-                                               self.steps), pad=(-self.steps % k) * G)
+        pad = (-self.steps % k) * G
+        todo = pieces(self.index, self.seed, G, self.epoch, self.cursor, self.steps, self.window)
+        source = CursorDatasource(self, todo, pad=0 if self.window else pad)
         ds = ray.data.read_datasource(source, override_num_blocks=len(source.todo) + 1,
                                      num_cpus=READ_CPUS)
+        if self.window:
+            # One window per batch (every window in the stream is exactly `window` rows, see
+            # pieces), shuffled; the fused strict repartition makes the batches exact, as below.
+            last_epoch, stop = _end(self.index, self.seed, G, self.epoch, self.cursor, self.steps)
+            ds = ds.map_batches(window_shuffle, batch_size=self.window, batch_format="pyarrow",
+                                num_cpus=SHUFFLE_CPUS, zero_copy_batch=True,
+                                fn_kwargs={"window": self.window, "seed": self.seed, "row_bytes": self.row_bytes,
+                                           "first": (self.epoch, self.cursor), "last": (last_epoch, stop),
+                                           "pad": pad})
+            ds = ds.repartition(target_num_rows_per_block=k * G, strict=True)
         # Ray fuses map_batches with the strict repartition (operator_fusion.py), so the
         # fused task gets exactly k*G rows per batch. It must not fuse the read in too: the
         # exact bundler would then count each read task as one row and hand k*G of them to
@@ -227,6 +280,17 @@ class Stream:
         ds = ds.map_batches(rank_major, batch_size=k * G, batch_format="pyarrow",
                             fn_kwargs={"global_batch": G, "world": W}, zero_copy_batch=True)
         return ds.repartition(target_num_rows_per_block=k * (G // W), strict=True)
+
+
+def _end(index: DataIndex, seed: int, global_batch: int, epoch: int, cursor: int, steps: int) -> tuple[int, int]:
+    """(epoch, position) just past the stream's last trained sample."""
+    while True:
+        per_epoch = EpochOrder.make(index, seed, epoch).steps(global_batch)
+        take = per_epoch - cursor // global_batch
+        if steps <= take:
+            return epoch, cursor + steps * global_batch
+        steps -= take
+        epoch, cursor = epoch + 1, 0
 
 
 class CursorDatasource(Datasource):
@@ -245,9 +309,10 @@ class CursorDatasource(Datasource):
 
     def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
         s = self.stream
-        tasks = [ReadTask(_bind(read_piece, s.data_uri, p, s.audit_dir),
+        tasks = [ReadTask(_bind(read_piece, s.data_uri, p, s.audit_dir) if p.epoch != ALIGN
+                          else _bind(filler, p.rows, s.row_bytes, ALIGN),
                           BlockMetadata(num_rows=p.rows, size_bytes=p.rows * self._row_size,
-                                        input_files=[p.path], exec_stats=None),
+                                        input_files=[p.path] if p.path else [], exec_stats=None),
                           schema=SCHEMA)
                  for p in self.todo]
         if self.pad:
@@ -286,4 +351,6 @@ def train_dataset(plan: LaunchPlan):
         row_bytes=(cfg.model.seq_len + 1) * np.dtype(plan.token_dtype).itemsize,
         epoch=epoch, cursor=cursor, steps=steps,
         steps_per_block=cfg.data.steps_per_block, audit_dir=plan.audit_dir,
+        window=shuffle_window(cfg, plan.token_dtype),
     ).dataset()
+

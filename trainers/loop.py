@@ -20,7 +20,7 @@ from storage.location import resolve
 from trainers import parallel
 from trainers.audit import Audit
 from trainers.checkpointer import Checkpointer, seed_rank
-from trainers.data import EpochOrder, read_all
+from trainers.data import SampleOrder, read_all, shuffle_window
 from trainers.ingest import DataOrderError, check_batch, tokens_of
 from trainers.launch_plan import LaunchPlan
 from trainers.logs import quiet_ray
@@ -67,7 +67,8 @@ def train_loop(plan: LaunchPlan) -> None:
     # Ray Data deals this rank its slices of the global order from the cursor on, read once
     # across the cluster (trainers/ingest.py); every batch is checked against its position.
     G, per_rank, max_steps = cfg.train.global_batch_size, cfg.train.global_batch_size // world, cfg.train.max_steps
-    order = EpochOrder.make(plan.data_index, cfg.data.shuffle_seed, state.epoch)
+    window = shuffle_window(cfg, plan.token_dtype)  # data.shuffle: the epoch's order (trainers/data.py)
+    order = SampleOrder.make(plan.data_index, cfg.data.shuffle_seed, state.epoch, G, window)
     steps_per_epoch = order.steps(G)
     say("\n📈 Starting optimized training loop...")
     if source is not None:
@@ -101,7 +102,7 @@ def train_loop(plan: LaunchPlan) -> None:
         state.samples_in_epoch += G
         if state.samples_in_epoch == steps_per_epoch * G:  # the checkpoint belongs to the next epoch
             state.epoch, state.samples_in_epoch = state.epoch + 1, 0
-            order = EpochOrder.make(plan.data_index, cfg.data.shuffle_seed, state.epoch)
+            order = SampleOrder.make(plan.data_index, cfg.data.shuffle_seed, state.epoch, G, window)
 
         mean_loss = strategy.reduce(loss.detach().float(), "mean").item()
         state.best_loss = min(state.best_loss, mean_loss)

@@ -31,3 +31,15 @@ def test_steps_trained_once_and_same_sequence_as_straight(runs):
     assert chain == straight
     epoch1 = Counter(i for r in audit(runs.audit / "chain3") if r["event"] == "batch" for i in r["ids"])
     assert set(epoch1.values()) == {1} and len(epoch1) == 16 * 16
+
+
+def test_batches_mix_the_corpus(runs):
+    """data.shuffle=window (the test preset's windows of 32): a global batch is not a run of
+    neighbouring samples. Ids are positions in the prepared corpus, so in file order about
+    (G-1)/G = 0.94 of a batch's samples have their successor (id + 1) in the same batch."""
+    records = [r for r in audit(runs.audit / "straight") if r["event"] == "batch"]
+    steps = {}
+    for r in records:
+        steps.setdefault(r["step"], set()).update(r["ids"])
+    share = sum(sum(i + 1 in ids for i in ids) / len(ids) for ids in steps.values()) / len(steps)
+    assert len(steps) == 40 and share <= 2 * 16 / 32, share  # target: at most 2 G / window
