@@ -1,5 +1,10 @@
-"""Ray Data ingest (trainers/ingest.py), each figure a ratio measured side by side in one run:
+"""Ray Data ingest (trainers/ingest.py), each figure a ratio measured side by side in one run,
+on the default order (data.shuffle=window; windows of WINDOW samples here, 4 an epoch):
 
+0. Mixing: the share of a global batch's samples whose file-order successor is in the same
+   batch (file order: about (G-1)/G; target <= 2 G / window), and distinct source files per
+   global batch / min(G, files in the window). Extra rows decoded at a mid-window resume (the
+   cursor's window is read whole; bound: one window).
 1. Read amplification: rows decoded per epoch, all ranks together, / rows in the epoch, at
    W = 2 and 4. Ray Data path (from the read tasks' audit) vs the old per-rank reader
    (benchmarks/_baseline_reader.py). Target: 1.0 vs W.
@@ -8,6 +13,10 @@
 3. Steady state: ingest rows/s per rank (W = 2, an epoch drained as the loop does, without
    training) vs the rows/s per rank the training loop consumes on bench_training's model
    (a plain PyTorch loop's steps/s x G / W, as if training scaled perfectly). Target: >= 5.
+
+4. Quality, once: validation loss after the same steps of the test preset (the stdlib corpus,
+   whose files follow the package layout: neighbouring samples share a module) with
+   data.shuffle=window vs files, through the service (not in --quick).
 
     python benchmarks/bench_ingest.py            # ~64 MB corpus
     python benchmarks/bench_ingest.py --quick    # seconds, for the test suite
@@ -32,10 +41,11 @@ import ray
 from _baseline_reader import RankStream
 from ray.data import ExecutionOptions
 
-from trainers.data import EpochOrder, build_index
+from trainers.data import EpochOrder, SampleOrder, build_index
 from trainers.ingest import Stream, check_batch
 
 G = 16
+WINDOW = 16000  # samples per shuffle window: 4 files' worth, 4 windows an epoch (quick: 2 files, 2)
 
 
 def drain(stream: Stream) -> tuple[float, float, int]:
@@ -48,6 +58,8 @@ def drain(stream: Stream) -> tuple[float, float, int]:
     L = G // stream.world
     first, last, rows = [0.0] * stream.world, [0.0] * stream.world, [0] * stream.world
 
+    ids = [[] for _ in range(stream.world)]
+
     def consume(r: int) -> None:
         epoch, cursor = stream.epoch, stream.cursor
         steps_per_epoch = stream.index.total_rows // G
@@ -58,6 +70,7 @@ def drain(stream: Stream) -> tuple[float, float, int]:
                 first[r] = time.perf_counter()
             check_batch(batch, r, epoch, cursor + r * L, L)
             rows[r] += len(batch["id"])
+            ids[r].append(batch["id"].tolist())
             cursor += G
             if cursor == steps_per_epoch * G:
                 epoch, cursor = epoch + 1, 0
@@ -69,6 +82,7 @@ def drain(stream: Stream) -> tuple[float, float, int]:
     for t in threads:
         t.join()
     assert len(set(rows)) == 1 and rows[0] == stream.steps * L, rows
+    drain.ids = [[i for r in range(stream.world) for i in ids[r][b]] for b in range(stream.steps)]
     return max(first) - started, max(last) - max(first), rows[0]
 
 
@@ -121,10 +135,40 @@ def main() -> None:
     print(f"corpus: {files} files x {rows} rows x {sample} B, row groups of 64; global batch {G}; "
           f"{steps} steps an epoch")
 
-    def stream(world: int, cursor_steps: int, audit: str | None = None) -> Stream:
+    window = min(WINDOW, steps * G) if not args.quick else 480
+
+    def stream(world: int, cursor_steps: int, audit: str | None = None, shuffle: bool = True) -> Stream:
         return Stream(data_uri=str(folder), index=index, seed=0, global_batch=G, world=world,
                       row_bytes=sample, epoch=0, cursor=cursor_steps * G,
-                      steps=steps - cursor_steps, audit_dir=audit)
+                      steps=steps - cursor_steps, audit_dir=audit, window=window if shuffle else 0)
+
+    print(f"0. mixing (shuffle windows of {window} samples, {steps * G // window} an epoch)")
+    order = SampleOrder.make(index, 0, 0, G, window)
+    file_of, seq = {}, []  # every sample's file; the file-order sequence S
+    for i in order.files.order:
+        ids = pq.read_table(index.files[i], columns=["id"]).column("id").to_pylist()
+        file_of.update({x: i for x in ids})
+        seq += ids
+    successor = dict(zip(seq, seq[1:]))
+    mixing = {}
+    for shuffle in (False, True):
+        drain(stream(2, 0, shuffle=shuffle))
+        batches = drain.ids
+        share = statistics.mean(sum(successor.get(x) in set(b) for x in b) / G for b in batches)
+        files_in_window = statistics.mean(len({file_of[x] for x in seq[w:w + window]})
+                                          for w in range(0, len(batches) * G, window))
+        spread = statistics.mean(len({file_of[x] for x in b}) for b in batches) / min(G, files_in_window)
+        mixing[shuffle] = share
+        print(f"  {'window' if shuffle else 'files '}: successor in the same batch {share:.3f}   "
+              f"distinct files per batch / min(G, files in a window) {spread:.2f}")
+    print(f"successor share window {mixing[True]:.3f} vs files {mixing[False]:.3f} (target window <= "
+          f"{2 * G / window:.3f})  {'OK' if mixing[True] <= 2 * G / window else 'MISSED'}")
+    audit = Path(tempfile.mkdtemp(prefix="bench-audit-"))
+    mid = (int(0.9 * steps * G) // window) * window + window // 2  # mid-window, 90% into the epoch
+    drain(stream(2, mid // G, str(audit)))
+    extra = rows_decoded(audit) - (steps * G - mid)
+    print(f"  resume at {mid} of {steps * G} (mid-window): rows decoded but not trained {extra} "
+          f"({extra * sample / 2**20:.1f} MB); bound: one window = {window} rows")
 
     print("1. rows decoded per epoch, all ranks / rows in the epoch")
     epoch_rows = steps * G
@@ -158,6 +202,24 @@ def main() -> None:
           f"per rank ({how} / 2)")
     ratio = ingest / per_rank_loop
     print(f"ingest / loop rows/s per rank: {ratio:.1f} (target >= 5)  {'OK' if ratio >= 5 else 'MISSED'}")
+    if not args.quick:
+        ray.shutdown()
+        quality()
+
+
+def quality() -> None:
+    """Validation loss after the same steps, window vs files, through the service."""
+    root = Path(tempfile.mkdtemp(prefix="bench-quality-"))
+    losses = {}
+    for shuffle in ("files", "window"):
+        run = _common.run_cli(["--config", "test", "--storage", root, "--run-name", shuffle, "--max-steps", 72,
+                               "--checkpoint-every", 72, "--set", f"data.shuffle={shuffle}",
+                               "--set", "data.shuffle_window=0", "--set", "train.val_every=72"])
+        assert run.rc == 0, run.out[-3000:]
+        newest = max((root / shuffle).glob("checkpoint-*"), key=lambda p: int(p.name.split("step")[1].split("-")[0]))
+        losses[shuffle] = json.loads((newest / "metadata.json").read_text())["val_loss"]
+    print(f"4. validation loss after 72 steps (3 epochs) of the test preset: files {losses['files']:.4f}   "
+          f"window (the whole epoch) {losses['window']:.4f}")
 
 
 if __name__ == "__main__":

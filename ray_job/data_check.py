@@ -9,9 +9,10 @@ for val/. A dataset made by `python -m ray_job.prepare_data` counts only once it
 that fits model.vocab_size; its train file and sample counts must match the folder. A folder
 without one is read as byte tokens (ids 0-255: model.vocab_size at least 256), unless a prepare
 was cut short there (dataset.partial.json): refused.
-A resume takes its train files from the checkpoint (checked when that run started, with the
-same model.seq_len, which check_compatible enforces) and opens none of them here: files
-already trained on are never read again.
+A resume takes its train files from the checkpoint, by their names relative to the data path,
+found under this run's data.path (the dataset may have moved), and checks that each is the
+file it trained on: the same size and parquet footer (fingerprint). Only each file's footer is
+read here; a missing or changed file is refused, naming it and what differs.
 """
 
 from __future__ import annotations
@@ -65,6 +66,56 @@ def fresh_index(data: Location, cfg: Config, verbose: bool = False):
     check_sample(data, cfg, index.files[0], "train", dtype)
     check_val(data, cfg, dtype)
     return index
+
+
+def resume_index(data: Location, saved: dict, checkpoint: str):
+    """The checkpoint's train index resolved under data.path, every file checked against what
+    the checkpoint trained on (size and parquet footer; row counts for checkpoints from before
+    fingerprints, whose absolute paths are found by their file name under train/)."""
+    import posixpath
+    from concurrent.futures import ThreadPoolExecutor
+
+    from storage.manifest import rel_name_problem
+    from trainers.data import DataIndex, footer_fingerprint
+
+    legacy = not saved.get("footers")
+    names = ["train/" + posixpath.basename(n) for n in saved["files"]] if legacy else list(saved["files"])
+    for name in names:
+        problem = rel_name_problem(name)
+        if problem is not None:
+            raise UserError(f"--resume {checkpoint}: its data index names {name!r} ({problem}): not a file "
+                            "under data.path")
+    index = DataIndex.from_json({**saved, "files": names}, data.path)
+
+    def fingerprint(path: str):
+        try:
+            return footer_fingerprint(data.fs, path)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as e:
+            return e
+
+    with ThreadPoolExecutor(16) as pool:  # one small read per file: many at once on gs://
+        prints = list(pool.map(fingerprint, index.files))
+    fix = (f"resume with the data.path {checkpoint} trained on (--set data.path=...), or restore the "
+           "files; a dataset prepared again is a new one: start a new run on it")
+    for i, (name, got) in enumerate(zip(names, prints)):
+        where = f"data.path {data.uri}: {name}, which {checkpoint} trained on,"
+        if got is None:
+            raise UserError(f"{where} is missing; {fix}")
+        if isinstance(got, BaseException):
+            raise UserError(f"{where} does not read as parquet ({_first_line(got)}); {fix}")
+        size, footer, rows = got
+        if legacy:
+            if rows != index.rows[i]:
+                raise UserError(f"{where} has {rows} rows, the checkpoint's index {index.rows[i]}; {fix}")
+        elif size != index.sizes[i]:
+            raise UserError(f"{where} has {size} bytes, the checkpoint's index {index.sizes[i]}: it changed; {fix}")
+        elif footer != index.footers[i]:
+            raise UserError(f"{where} has another parquet footer (sha256 {footer[:12]}..., the checkpoint's "
+                            f"{index.footers[i][:12]}...): it was rewritten; {fix}")
+    return DataIndex(index.files, index.rows, tuple(names), tuple(p[0] for p in prints),
+                     tuple(p[1] for p in prints))
 
 
 def token_dtype(data: Location, cfg: Config, index=None) -> str:

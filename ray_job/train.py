@@ -15,7 +15,6 @@ def prepare(argv: list[str] | None = None) -> tuple:
     """Everything that can fail because of user input, done before Ray starts."""
     from ray_job import data_check, model_check, resume
     from storage.location import StorageUnreachable, probe, resolve
-    from trainers.data import DataIndex
     from trainers.launch_plan import LaunchPlan, ResumePoint
 
     args = parser().parse_args(argv)
@@ -46,7 +45,8 @@ def prepare(argv: list[str] | None = None) -> tuple:
                   f"resuming on {cfg.scaling.num_workers} with the same global batch size")
     resume.check_no_overwrite(run, choice)
     if choice is not None:
-        index = DataIndex.from_json(choice.metadata["data_index"])  # no data file is opened
+        # the files it trained on, found under this data.path and fingerprinted (footers only)
+        index = data_check.resume_index(data, choice.metadata["data_index"], choice.name)
         data_check.check_val(data, cfg)
     else:  # prepares the test corpus if asked; checks the folder, the files, one sample's length
         index = data_check.fresh_index(data, cfg, verbose=args.verbose)

@@ -34,32 +34,63 @@ from storage.location import join
 
 @dataclass(frozen=True)
 class DataIndex:
-    """The train files (path on fs, row count) in canonical (sorted) order."""
+    """The train files in canonical (sorted) order: where they are now (files, on the data
+    path's filesystem), their row counts, and what identifies them wherever the dataset lives:
+    the name relative to the data path, the size and a fingerprint (sha256 of the parquet
+    footer: row groups, row counts and column statistics; one small read, local or gs://)."""
 
     files: tuple[str, ...]
     rows: tuple[int, ...]
+    names: tuple[str, ...] = ()
+    sizes: tuple[int, ...] = ()
+    footers: tuple[str, ...] = ()
 
     @property
     def total_rows(self) -> int:
         return sum(self.rows)
 
     def to_json(self) -> dict:
-        return {"files": list(self.files), "rows": list(self.rows)}
+        """metadata.json's data_index: relative names, never where the data was (a resume
+        finds them under its own data.path)."""
+        return {"files": list(self.names or self.files), "rows": list(self.rows), "sizes": list(self.sizes),
+                "footers": list(self.footers)}
 
     @classmethod
-    def from_json(cls, data: dict) -> DataIndex:
-        return cls(tuple(data["files"]), tuple(int(r) for r in data["rows"]))
+    def from_json(cls, data: dict, root: str | None = None) -> DataIndex:
+        """The index of a checkpoint, its names resolved under root (the data path as a
+        pyarrow path); without root the names are taken as they are."""
+        names = tuple(data["files"])
+        files = tuple(join(root, n) for n in names) if root is not None else names
+        return cls(files, tuple(int(r) for r in data["rows"]), names,
+                   tuple(int(x) for x in data.get("sizes", ())), tuple(data.get("footers", ())))
+
+
+def footer_fingerprint(fs: pafs.FileSystem, path: str) -> tuple[int, str, int]:
+    """(size, sha256 of the parquet footer, rows): what identifies a train file, from its last
+    bytes alone."""
+    import hashlib
+    import struct
+
+    with fs.open_input_file(path) as f:
+        size = f.size()
+        tail = f.read_at(8, size - 8) if size >= 12 else b""
+        if len(tail) != 8 or tail[4:] != b"PAR1":
+            raise ValueError(f"{path} is not a parquet file (no footer)")
+        length = struct.unpack("<I", tail[:4])[0]
+        footer = f.read_at(length, size - 8 - length)
+        rows = pq.ParquetFile(f).metadata.num_rows
+    return size, hashlib.sha256(footer).hexdigest(), rows
 
 
 def build_index(fs: pafs.FileSystem, data_path: str) -> DataIndex:
-    """List {data_path}/train/*.parquet and read each footer's row count (no data read)."""
+    """List {data_path}/train/*.parquet and read each footer (row count, size, fingerprint; no
+    data read)."""
     selector = pafs.FileSelector(join(data_path, "train"), recursive=False)
     paths = sorted(i.path for i in fs.get_file_info(selector) if i.path.endswith(".parquet"))
-    rows = []
-    for path in paths:
-        with fs.open_input_file(path) as f:
-            rows.append(pq.ParquetFile(f).metadata.num_rows)
-    return DataIndex(tuple(paths), tuple(rows))
+    prints = [footer_fingerprint(fs, path) for path in paths]
+    root = data_path.rstrip("/") + "/"
+    return DataIndex(tuple(paths), tuple(r for _, _, r in prints), tuple(p[len(root):] for p in paths),
+                     tuple(size for size, _, _ in prints), tuple(h for _, h, _ in prints))
 
 
 def epoch_order(num_files: int, seed: int, epoch: int) -> list[int]:

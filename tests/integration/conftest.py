@@ -140,7 +140,8 @@ def runs(ray_address, tmp_path_factory) -> Runs:
     from trainers.data import DataIndex, EpochOrder
 
     meta = read_json(storage / "chain" / "checkpoint-epoch0-step10-files2" / "metadata.json")
-    plan = EpochOrder.make(DataIndex.from_json(meta["data_index"]), meta["config"]["data"]["shuffle_seed"], 0)
+    index = DataIndex.from_json(meta["data_index"], meta["config"]["data"]["path"])
+    plan = EpochOrder.make(index, meta["config"]["data"]["shuffle_seed"], 0)
     done = [plan.index.files[i] for i in plan.order[: plan.files_done(meta["samples_in_epoch"])]]
     for path in done:
         shutil.copy(path, path + ".bak")

@@ -16,7 +16,8 @@ SCRIPTS = {
     "bench_checkpoint.py": ["async/sync", "projected at the production frequency"],
     "bench_sharded.py": ["max per rank / state", "fsdp / ddp", "async stall / sync save"],
     "bench_gpu.py": ["tokens/s" if torch.cuda.is_available() else "skipped: no CUDA GPU"],
-    "bench_ingest.py": ["W=2: Ray Data path 1.00   per-rank reader 2.00",
+    "bench_ingest.py": ["successor share window", "rows decoded but not trained",
+                        "W=2: Ray Data path 1.00   per-rank reader 2.00",
                         "W=4: Ray Data path 1.00   per-rank reader 4.00",
                         "start@90% / start@0%:", "ingest / loop rows/s per rank:"],
 }

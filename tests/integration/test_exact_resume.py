@@ -21,7 +21,7 @@ def test_names_cover_mid_file_and_epoch_boundary(runs):
     meta = read_json(runs.ckpt("chain", "checkpoint-epoch0-step10-files2") / "metadata.json")
     assert meta["samples_in_epoch"] == 160
     # the stop at step 10 is inside a file and inside one of its row groups (from the data itself)
-    order = EpochOrder.make(DataIndex.from_json(meta["data_index"]), 0, 0)
+    order = EpochOrder.make(DataIndex.from_json(meta["data_index"], meta["config"]["data"]["path"]), 0, 0)
     (pos, row, _), = order.locate(160, 161)
     groups = pq.ParquetFile(order.index.files[order.order[pos]]).metadata
     bounds = [sum(groups.row_group(g).num_rows for g in range(k)) for k in range(groups.num_row_groups + 1)]

@@ -64,8 +64,8 @@ def test_resume_reads_gcs_data_from_the_cursor(gcs_runs, gcs):
 
     meta = json.loads(gcs.client().bucket("ckpts").blob(
         "runs/g/checkpoint-epoch0-step16-files4/metadata.json").download_as_bytes())
-    assert all(f.startswith("ckpts/data/train/") for f in meta["data_index"]["files"])
-    order = EpochOrder.make(DataIndex.from_json(meta["data_index"]), 0, 0)
+    assert all(f.startswith("train/") for f in meta["data_index"]["files"])  # relative to data.path
+    order = EpochOrder.make(DataIndex.from_json(meta["data_index"], "ckpts/data"), 0, 0)
     opens = reads(gcs_runs[2])
     epoch0 = [r["file"] for r in opens if r["epoch"] == 0]
     # step 16 = 256 samples = the first 4 files of epoch 0: only the last 2 are read

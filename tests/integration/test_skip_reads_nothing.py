@@ -23,7 +23,7 @@ def test_partial_file_is_read_from_the_row_group_holding_the_cursor(runs):
     from trainers.data import DataIndex, EpochOrder
 
     meta = read_json(runs.ckpt("chain", "checkpoint-epoch0-step10-files2") / "metadata.json")
-    plan = EpochOrder.make(DataIndex.from_json(meta["data_index"]), 0, 0)
+    plan = EpochOrder.make(DataIndex.from_json(meta["data_index"], meta["config"]["data"]["path"]), 0, 0)
     cursor = meta["samples_in_epoch"]  # 160: file 3 of the epoch, row 32
     partial = plan.index.files[plan.order[2]]
     row = cursor - plan.starts[2]

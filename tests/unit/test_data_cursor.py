@@ -136,7 +136,10 @@ def test_build_index_lists_sorted_parquet_with_footer_counts(dataset):
     assert list(index.files) == [os.path.join(loc.path, "train", f"part-{f:05d}.parquet") for f in range(len(ROWS))]
     assert list(index.rows) == ROWS
     assert index.total_rows == sum(ROWS)
-    assert DataIndex.from_json(index.to_json()) == index
+    assert DataIndex.from_json(index.to_json(), loc.path) == index
+    assert index.to_json()["files"] == [f"train/part-{f:05d}.parquet" for f in range(len(ROWS))]  # relative
+    assert len(set(index.footers)) == len(ROWS) and all(len(h) == 64 for h in index.footers)
+    assert list(index.sizes) == [os.path.getsize(f) for f in index.files]
 
 
 @pytest.mark.parametrize("seed,epoch", [(0, 0), (0, 1), (1234, 3), (7, 10)])
@@ -339,7 +342,7 @@ def test_epoch_orders_differ_between_epochs_and_are_reproducible(dataset, seed):
         assert a != b
     assert len(set(orders)) > 3
     assert [EpochOrder.make(index, seed, e).order for e in range(6)] == orders
-    again = EpochOrder.make(DataIndex.from_json(index.to_json()), seed, 0)
+    again = EpochOrder.make(DataIndex.from_json(index.to_json(), loc.path), seed, 0)
     assert again == EpochOrder.make(index, seed, 0)
 
 
