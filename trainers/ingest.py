@@ -42,7 +42,7 @@ from trainers.launch_plan import LaunchPlan
 
 BLOCK_BYTES_PER_RANK = 1 << 20  # ~1 MB per rank per block: several steps, a small fixed cost
 READ_CPUS = 0.5  # reads wait on storage; and != the reorder's 1 CPU (see Stream.dataset)
-SHUFFLE_CPUS = 0.25  # a take() per window; != the read's and the reorder's, so never fused with them
+SHUFFLE_CPUS = 1  # as the repartition after it: Ray fuses only ops with compatible remote args
 ALIGN = -2  # epoch of the filler that pads an epoch's short last window to a whole window
 PAD = -1  # epoch of the filler that pads the stream's end to a whole chunk
 
@@ -265,20 +265,28 @@ class Stream:
                                      num_cpus=READ_CPUS)
         if self.window:
             # One window per batch (every window in the stream is exactly `window` rows, see
-            # pieces), shuffled; the fused strict repartition makes the batches exact, as below.
+            # pieces), shuffled; the fused strict repartition makes the batches exact, as below
+            # (unfused, a task's last batch would be short: the stage's guard refuses that).
             last_epoch, stop = _end(self.index, self.seed, G, self.epoch, self.cursor, self.steps)
             ds = ds.map_batches(window_shuffle, batch_size=self.window, batch_format="pyarrow",
-                                num_cpus=SHUFFLE_CPUS, zero_copy_batch=True,
+                                num_cpus=SHUFFLE_CPUS, zero_copy_batch=True, scheduling_strategy="SPREAD",
                                 fn_kwargs={"window": self.window, "seed": self.seed, "row_bytes": self.row_bytes,
                                            "first": (self.epoch, self.cursor), "last": (last_epoch, stop),
                                            "pad": pad})
-            ds = ds.repartition(target_num_rows_per_block=k * G, strict=True)
+            # Ray fuses MapBatches -> strict StreamingRepartition only when batch_size is a
+            # multiple of the target (operator_fusion.py _can_fuse): the target is the window.
+            ds = ds.repartition(target_num_rows_per_block=self.window, strict=True)
         # Ray fuses map_batches with the strict repartition (operator_fusion.py), so the
         # fused task gets exactly k*G rows per batch. It must not fuse the read in too: the
         # exact bundler would then count each read task as one row and hand k*G of them to
         # one task, serializing the reads. Distinct num_cpus keep the read apart.
+        # With a shuffle stage before it, its fused op would otherwise fuse with this one (equal
+        # remote args) and hand rank_major whole windows, not k*G rows: a scheduling strategy of
+        # its own keeps them apart (remote args must match to fuse; scheduling_strategy is
+        # inherited only when unset: operator_fusion.py are_remote_args_compatible).
+        apart = {"scheduling_strategy": "DEFAULT"} if self.window else {}
         ds = ds.map_batches(rank_major, batch_size=k * G, batch_format="pyarrow",
-                            fn_kwargs={"global_batch": G, "world": W}, zero_copy_batch=True)
+                            fn_kwargs={"global_batch": G, "world": W}, zero_copy_batch=True, **apart)
         return ds.repartition(target_num_rows_per_block=k * (G // W), strict=True)
 
 
