@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from trainers.data import EpochOrder
+from data.order import EpochOrder
 
 
 class _File:

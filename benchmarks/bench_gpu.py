@@ -40,7 +40,8 @@ def plain_loop(cfg, folder: Path, steps: int) -> float:
     import pyarrow.fs as pafs
     from _baseline_reader import RankStream
 
-    from trainers.data import EpochOrder, build_index
+    from data.index import build_index
+    from data.order import EpochOrder
     from trainers.model import GPT
 
     torch.manual_seed(cfg.train.seed)

@@ -1,4 +1,4 @@
-"""Ray Data ingest (trainers/ingest.py), each figure a ratio measured side by side in one run,
+"""Ray Data ingest (data/stream.py), each figure a ratio measured side by side in one run,
 on the default order (data.shuffle=window; windows of WINDOW samples here, 4 an epoch):
 
 0. Mixing: the share of a global batch's samples whose file-order successor is in the same
@@ -41,8 +41,9 @@ import ray
 from _baseline_reader import RankStream
 from ray.data import ExecutionOptions
 
-from trainers.data import EpochOrder, SampleOrder, build_index
-from trainers.ingest import Stream, check_batch
+from data.index import build_index
+from data.order import EpochOrder, SampleOrder
+from data.stream import Stream, check_batch
 
 G = 16
 WINDOW = 16000  # samples per shuffle window: 4 files' worth, 4 windows an epoch (quick: 2 files, 2)

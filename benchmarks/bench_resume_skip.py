@@ -1,6 +1,6 @@
 """Resume skip cost: time from resume to the first batch at 0%, 50% and 90% of an epoch.
 
-Ours: the service's Ray Data read task at the cursor (trainers/ingest.py read_piece: files
+Ours: the service's Ray Data read task at the cursor (data/stream.py read_piece: files
 before it are never opened, the partial file is read from the row group holding the cursor),
 to its first block. Ray Data's own pipeline start-up, the same at any cursor, is measured by
 bench_ingest.py. Against: what a user of HF Accelerate
@@ -27,8 +27,9 @@ import torch
 from accelerate import skip_first_batches
 from torch.utils.data import DataLoader, IterableDataset
 
-from trainers import ingest
-from trainers.data import EpochOrder, build_index
+from data import stream as ingest
+from data.index import build_index
+from data.order import EpochOrder
 
 
 class ParquetRows(IterableDataset):

@@ -24,7 +24,8 @@ import torch
 from _baseline_reader import RankStream
 
 from configs import load, parse_set, with_overrides
-from trainers.data import EpochOrder, build_index
+from data.index import build_index
+from data.order import EpochOrder
 from trainers.model import GPT
 
 SETS = ["model.seq_len=256", "model.d_model=256", "model.n_layer=4", "model.n_head=4",

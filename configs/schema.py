@@ -101,7 +101,7 @@ class ModelSection:
 
 @dataclass(frozen=True, kw_only=True)
 class DataSection:
-    path: str = "./data/test"
+    path: str = "./datasets/test"
     """Folder (local or gs://) holding train/*.parquet and val/*.parquet with columns id, tokens."""
     prepare: str = "stdlib"
     """'stdlib': build the corpus from this Python's own source files if path has none; 'none'."""

@@ -26,9 +26,9 @@ from ray.train import (  # noqa: E402
 from ray.train.torch import TorchTrainer
 
 from configs.schema import Config
+from data.stream import train_dataset
 from storage import gcs
 from storage.location import Location
-from trainers.ingest import train_dataset
 from trainers.launch_plan import LaunchPlan
 from trainers.loop import train_loop
 
@@ -76,7 +76,7 @@ def fit(cfg: Config, run: Location, storage: Location, plan: LaunchPlan, verbose
         # A callable: rebuilt on every worker-group start, from the checkpoint the loop restores.
         datasets={"train": functools.partial(train_dataset, plan)},
         # preserve_order: read tasks' blocks keep the global order and the split deals them
-        # round-robin (trainers/ingest.py); the loop checks every batch's positions.
+        # round-robin (data/stream.py); the loop checks every batch's positions.
         dataset_config=DataConfig(datasets_to_split=["train"],
                                   execution_options=ExecutionOptions(preserve_order=True)),
         scaling_config=ScalingConfig(

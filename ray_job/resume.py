@@ -149,7 +149,7 @@ def check_compatible(choice: ResumeChoice, cfg: Config, max_steps: int,
 def check_same_order(choice: ResumeChoice, cfg: Config, token_dtype: str) -> str | None:
     """Refuse to change the sample order mid-epoch (samples would repeat or be skipped); at an
     epoch boundary it may change: returns a line saying so."""
-    from trainers.data import sample_order
+    from data.order import sample_order
 
     meta = choice.metadata
     saved_seed = meta.get("config", {}).get("data", {}).get("shuffle_seed", 0)

@@ -13,7 +13,8 @@ from ray_job.errors import UserError
 
 def prepare(argv: list[str] | None = None) -> tuple:
     """Everything that can fail because of user input, done before Ray starts."""
-    from ray_job import data_check, model_check, resume
+    from data import checks
+    from ray_job import model_check, resume
     from storage.location import StorageUnreachable, probe, resolve
     from trainers.launch_plan import LaunchPlan, ResumePoint
 
@@ -46,11 +47,11 @@ def prepare(argv: list[str] | None = None) -> tuple:
     resume.check_no_overwrite(run, choice)
     if choice is not None:
         # the files it trained on, found under this data.path and fingerprinted (footers only)
-        index = data_check.resume_index(data, choice.metadata["data_index"], choice.name)
-        data_check.check_val(data, cfg)
+        index = checks.resume_index(data, choice.metadata, choice.name)
+        checks.check_val(data, cfg)
     else:  # prepares the test corpus if asked; checks the folder, the files, one sample's length
-        index = data_check.fresh_index(data, cfg, verbose=args.verbose)
-    token_dtype = data_check.token_dtype(data, cfg)  # dataset.json's width (uint8: byte tokens)
+        index = checks.fresh_index(data, cfg, verbose=args.verbose)
+    token_dtype = checks.token_dtype(data, cfg)  # dataset.json's width (uint8: byte tokens)
     if choice is not None:
         note = resume.check_same_order(choice, cfg, token_dtype)
         if note:

@@ -1,6 +1,6 @@
 """The optional audit trail (--audit-dir): per rank, one JSON line per trained batch, so
 exactly-once is proven from sample ids. The Ray Data read tasks log every file and row group
-they open beside it (reads.jsonl, trainers/ingest.py): skip-without-reading and read-once."""
+they open beside it (reads.jsonl, data/stream.py): skip-without-reading and read-once."""
 
 from __future__ import annotations
 

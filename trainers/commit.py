@@ -22,9 +22,9 @@ import json
 import time
 from dataclasses import asdict
 
+from data.order import sample_order
 from storage import manifest, retention, transfer
 from storage.location import resolve
-from trainers.data import sample_order
 from trainers.launch_plan import LaunchPlan
 from trainers.logs import say as _say
 

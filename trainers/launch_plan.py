@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from configs.schema import Config
-from trainers.data import DataIndex
+from data.index import DataIndex
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -16,12 +16,13 @@ import torch
 from tqdm import tqdm
 
 from configs.schema import Config
+from data.index import read_all
+from data.order import SampleOrder, shuffle_window
+from data.stream import DataOrderError, check_batch, tokens_of
 from storage.location import resolve
 from trainers import parallel
 from trainers.audit import Audit
 from trainers.checkpointer import Checkpointer, seed_rank
-from trainers.data import SampleOrder, read_all, shuffle_window
-from trainers.ingest import DataOrderError, check_batch, tokens_of
 from trainers.launch_plan import LaunchPlan
 from trainers.logs import quiet_ray
 from trainers.logs import say as _say
@@ -65,9 +66,9 @@ def train_loop(plan: LaunchPlan) -> None:
 
     # --- build the data stream from the cursor --------------------------------------------
     # Ray Data deals this rank its slices of the global order from the cursor on, read once
-    # across the cluster (trainers/ingest.py); every batch is checked against its position.
+    # across the cluster (data/stream.py); every batch is checked against its position.
     G, per_rank, max_steps = cfg.train.global_batch_size, cfg.train.global_batch_size // world, cfg.train.max_steps
-    window = shuffle_window(cfg, plan.token_dtype)  # data.shuffle: the epoch's order (trainers/data.py)
+    window = shuffle_window(cfg, plan.token_dtype)  # data.shuffle: the epoch's order (data/order.py)
     order = SampleOrder.make(plan.data_index, cfg.data.shuffle_seed, state.epoch, G, window)
     steps_per_epoch = order.steps(G)
     say("\n📈 Starting optimized training loop...")

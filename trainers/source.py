@@ -1,5 +1,5 @@
 """Which checkpoint an attempt starts from. Torch-free: the loop restores weights from it and
-the train dataset is built from its cursor (trainers/ingest.py, in Ray Train's controller),
+the train dataset is built from its cursor (data/stream.py, in Ray Train's controller),
 through this one function, so data and weights come from the same checkpoint.
 
 An explicit --resume wins on the first attempt; this launch's own newest checkpoint on in-run

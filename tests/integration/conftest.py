@@ -101,7 +101,7 @@ def audit(folder: Path) -> list[dict]:
 
 
 def reads(folder: Path) -> list[dict]:
-    """What the Ray Data read tasks opened (trainers/ingest.py): one record per file opened,
+    """What the Ray Data read tasks opened (data/stream.py): one record per file opened,
     with the row groups it decoded."""
     path = folder / "reads.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
@@ -137,7 +137,8 @@ def runs(ray_address, tmp_path_factory) -> Runs:
                               "--audit-dir", trail / "chain1"], ray_address=ray_address)
     assert first.rc == 0, first.out[-4000:]
 
-    from trainers.data import DataIndex, EpochOrder
+    from data.index import DataIndex
+    from data.order import EpochOrder
 
     meta = read_json(storage / "chain" / "checkpoint-epoch0-step10-files2" / "metadata.json")
     index = DataIndex.from_json(meta["data_index"], meta["config"]["data"]["path"])
@@ -145,7 +146,8 @@ def runs(ray_address, tmp_path_factory) -> Runs:
     done = [plan.index.files[i] for i in plan.order[: plan.files_done(meta["samples_in_epoch"])]]
     for path in done:
         shutil.copy(path, path + ".bak")
-        Path(path).write_bytes(b"not parquet: a resume must not read this file" * 10)
+        size = Path(path).stat().st_size  # the same size: a listing sees the file it trained on
+        Path(path).write_bytes((b"not parquet: a resume must not read this file. " * size)[:size])
     try:
         second = launcher.run(common + ["--run-name", "chain", "--resume", "latest", "--max-steps", 24,
                                    "--audit-dir", trail / "chain2"], ray_address=ray_address)

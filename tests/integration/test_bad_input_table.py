@@ -150,7 +150,7 @@ def _datasets(d: Path) -> None:
     import pyarrow.parquet as pq
 
     from configs import load
-    from ray_job import data_prep
+    from data import corpus as data_prep
     from storage.location import resolve
 
     data_prep.prepare(resolve(str(d / "corpus")), load("test"))  # 65-byte samples, corpus.json

@@ -6,7 +6,8 @@ import torch
 from conftest import read_json
 from safetensors.torch import load_file
 
-from trainers.data import DataIndex, EpochOrder
+from data.index import DataIndex
+from data.order import EpochOrder
 
 FINAL = "checkpoint-epoch1-step40-files4"
 

@@ -59,8 +59,9 @@ def gcs_runs(runs, gcs, ray_address):
 
 
 def test_resume_reads_gcs_data_from_the_cursor(gcs_runs, gcs):
+    from data.index import DataIndex
+    from data.order import EpochOrder
     from storage.location import resolve
-    from trainers.data import DataIndex, EpochOrder
 
     meta = json.loads(gcs.client().bucket("ckpts").blob(
         "runs/g/checkpoint-epoch0-step16-files4/metadata.json").download_as_bytes())

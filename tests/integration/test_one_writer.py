@@ -77,7 +77,7 @@ def _verified(run_uri: str) -> list[str]:
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
     from configs import load
-    from ray_job import data_prep
+    from data import corpus as data_prep
 
     data = tmp_path_factory.mktemp("one-writer") / "data"
     data_prep.prepare(resolve(str(data)), load("test"))  # once, not by both jobs at once

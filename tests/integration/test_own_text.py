@@ -17,9 +17,9 @@ import numpy as np
 import pyarrow.fs as pafs
 import pytest
 
+from data.index import read_all
+from data.prepare import MARKER, PARTIAL, VAL_ID_OFFSET
 from ray_job import launcher
-from ray_job.prepare_data import MARKER, PARTIAL, VAL_ID_OFFSET
-from trainers.data import read_all
 
 SEQ_LEN, VOCAB = 64, 400
 ARGS = ["--format", "jsonl", "--seq-len", SEQ_LEN, "--val-fraction", 0.1, "--rows-per-file", 16,

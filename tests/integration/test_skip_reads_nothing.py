@@ -20,7 +20,8 @@ def test_processed_files_were_unreadable_and_never_opened(runs):
 
 
 def test_partial_file_is_read_from_the_row_group_holding_the_cursor(runs):
-    from trainers.data import DataIndex, EpochOrder
+    from data.index import DataIndex
+    from data.order import EpochOrder
 
     meta = read_json(runs.ckpt("chain", "checkpoint-epoch0-step10-files2") / "metadata.json")
     plan = EpochOrder.make(DataIndex.from_json(meta["data_index"], meta["config"]["data"]["path"]), 0, 0)

@@ -10,11 +10,11 @@ import os
 import pytest
 
 from configs import load
+from data.index import DataIndex
 from storage import manifest
 from storage.location import resolve
 from storage.manifest import Status
 from trainers.commit import Committer
-from trainers.data import DataIndex
 from trainers.launch_plan import LaunchPlan
 
 NAME = "checkpoint-epoch0-step8-files2"

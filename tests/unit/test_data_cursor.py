@@ -1,4 +1,4 @@
-"""trainers.data: the global sample order, rank slices and O(1) resume, on a real parquet set.
+"""data.order: the global sample order, rank slices and O(1) resume, on a real parquet set.
 
 The expected sequences are built here independently: every file is read whole with
 pq.read_table and concatenated in the epoch's file order.
@@ -16,10 +16,11 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
+from data import index as data_mod
+from data import stream as ingest
+from data.index import DataIndex, build_index
+from data.order import EpochOrder
 from storage.location import resolve
-from trainers import data as data_mod
-from trainers import ingest
-from trainers.data import DataIndex, EpochOrder, build_index
 
 ROWS = [37, 50, 0, 23, 64, 41, 29, 1]  # one empty file, one single-row file
 ROW_GROUP = 7  # never aligned with the global batches below

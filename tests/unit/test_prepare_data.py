@@ -1,4 +1,4 @@
-"""ray_job.prepare_data without Ray: token widths, train/val counts, ids by position, packing
+"""data/prepare.py without Ray: token widths, train/val counts, ids by position, packing
 across document and file boundaries, the writer (fed a stand-in for the tokenized dataset),
 documents and tokenizers, the input and --out checks, and the bad-input contract of main().
 data_check's reading of dataset.json too: what the trainer refuses before Ray starts."""
@@ -16,13 +16,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from configs import load, with_overrides
-from ray_job import data_check
-from ray_job import prepare_data as pd
+from data import checks as data_check
+from data import index as data_mod
+from data import prepare as pd
+from data import stream as ingest
+from data.index import build_index
 from ray_job.errors import UserError
 from storage.location import resolve
-from trainers import data as data_mod
-from trainers import ingest
-from trainers.data import build_index
 
 
 @pytest.mark.parametrize("vocab, dtype", [(2, "uint8"), (256, "uint8"), (257, "uint16"), (400, "uint16"),

@@ -1,4 +1,4 @@
-"""data.shuffle=window (trainers/data.py SampleOrder, trainers/ingest.py's read plan and shuffle
+"""data.shuffle=window (data/order.py SampleOrder, data/stream.py's read plan and shuffle
 stage) on a real parquet set, the Ray Data stages run here in order without Ray (as
 test_data_cursor.py does): the order is a permutation of each epoch, the same for every worker
 count, a resume mid-window continues it exactly, reads once by row group and opens no file of
@@ -18,10 +18,10 @@ import test_data_cursor
 from test_data_cursor import ROW_GROUP, TOKEN_LEN, file_ids
 
 from configs import load, parse_set, with_overrides
+from data import stream as ingest
+from data.order import SampleOrder, shuffle_window
 from ray_job.errors import UserError
 from ray_job.resume import ResumeChoice, check_same_order
-from trainers import ingest
-from trainers.data import SampleOrder, shuffle_window
 
 SEED = 5
 dataset = test_data_cursor.dataset  # the same parquet set (a module-scoped fixture)

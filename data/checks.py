@@ -25,16 +25,16 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from configs.schema import Config
+from data.prepare import FORMAT, MARKER, PARTIAL, WIDTHS
+from data.prepare import token_dtype as width_for
 from ray_job.errors import UserError
-from ray_job.prepare_data import FORMAT, MARKER, PARTIAL, WIDTHS
-from ray_job.prepare_data import token_dtype as width_for
 from storage.location import Location, join
 
 
 def fresh_index(data: Location, cfg: Config, verbose: bool = False):
     """The train index of a fresh run (preparing the test corpus when asked), checked."""
-    from ray_job import data_prep
-    from trainers.data import build_index
+    from data import corpus as data_prep
+    from data.index import build_index
 
     info = data.fs.get_file_info(data.path)
     if info.type == pafs.FileType.File:
@@ -68,16 +68,19 @@ def fresh_index(data: Location, cfg: Config, verbose: bool = False):
     return index
 
 
-def resume_index(data: Location, saved: dict, checkpoint: str):
+def resume_index(data: Location, metadata: dict, checkpoint: str):
     """The checkpoint's train index resolved under data.path, every file checked against what
-    the checkpoint trained on (size and parquet footer; row counts for checkpoints from before
-    fingerprints, whose absolute paths are found by their file name under train/)."""
+    the checkpoint trained on: the files of the epoch already trained on by size alone
+    (a listing: never opened, the resume does not read them; a read task checks their footer
+    when a later epoch opens them), every other by size and parquet footer (row counts for
+    checkpoints from before fingerprints, whose absolute paths are found by name under train/)."""
     import posixpath
     from concurrent.futures import ThreadPoolExecutor
 
+    from data.index import DataIndex, footer_fingerprint
     from storage.manifest import rel_name_problem
-    from trainers.data import DataIndex, footer_fingerprint
 
+    saved = metadata["data_index"]
     legacy = not saved.get("footers")
     names = ["train/" + posixpath.basename(n) for n in saved["files"]] if legacy else list(saved["files"])
     for name in names:
@@ -87,8 +90,22 @@ def resume_index(data: Location, saved: dict, checkpoint: str):
                             "under data.path")
     index = DataIndex.from_json({**saved, "files": names}, data.path)
 
+    from data.order import SampleOrder
+
+    skip = set()
+    if not legacy and metadata.get("sample_order"):
+        so = metadata["sample_order"]
+        order = SampleOrder.make(index, so["seed"], metadata["epoch"], metadata["global_batch_size"], so["window"])
+        skip = {index.files[i] for i in order.files.order[:order.files_done(metadata["samples_in_epoch"])]}
+
     def fingerprint(path: str):
         try:
+            if path in skip:
+                info = data.fs.get_file_info(path)
+                if info.type == pafs.FileType.NotFound:
+                    return None
+                i = index.files.index(path)
+                return info.size, index.footers[i], index.rows[i]
             return footer_fingerprint(data.fs, path)
         except FileNotFoundError:
             return None

@@ -1,7 +1,7 @@
 """The train set through Ray Data: read once across the cluster, from the cursor, in the exact
 global order, each rank dealt only its own slices.
 
-The global order is the one trainers/data.py defines (files permuted per epoch by seed, rows
+The global order is the one data/order.py defines (files permuted per epoch by seed, rows
 in file order; in global batch b rank r of W takes samples [bG + rL, bG + (r+1)L), L = G/W).
 The stream starts at the resume point's cursor and runs, across epoch boundaries, to max_steps:
 
@@ -37,7 +37,8 @@ import pyarrow.parquet as pq
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
-from trainers.data import ROW_OVERHEAD, DataIndex, EpochOrder, SampleOrder, shuffle_window, window_permutation
+from data.index import DataIndex, footer_digest
+from data.order import ROW_OVERHEAD, EpochOrder, SampleOrder, shuffle_window, window_permutation
 from trainers.launch_plan import LaunchPlan
 
 BLOCK_BYTES_PER_RANK = 1 << 20  # ~1 MB per rank per block: several steps, a small fixed cost
@@ -61,6 +62,7 @@ class Piece:
     first: int
     end: int
     pos: int
+    footer: str = ""  # the file's fingerprint in the run's index (data/index.py); "" unknown
 
     @property
     def rows(self) -> int:
@@ -97,7 +99,9 @@ def pieces(index: DataIndex, seed: int, global_batch: int, epoch: int, cursor: i
 
 def epoch_pieces(order: EpochOrder, epoch: int, start: int, stop: int) -> list[Piece]:
     """Epoch positions [start, stop) as file pieces, in order."""
-    return [Piece(epoch, order.index.files[order.order[pos]], first, end, order.starts[pos] + first)
+    footers = order.index.footers
+    return [Piece(epoch, order.index.files[order.order[pos]], first, end, order.starts[pos] + first,
+                  footers[order.order[pos]] if footers else "")
             for pos, first, end in order.locate(start, stop)]
 
 
@@ -160,6 +164,12 @@ def read_piece(data_uri: str, piece: Piece, audit_dir: str | None) -> Iterator[p
 
     fs = resolve(data_uri).fs
     with fs.open_input_file(piece.path) as handle:
+        if piece.footer:  # the footer is read anyway: the file must be the one the run indexed
+            footer = footer_digest(handle)
+            if footer != piece.footer:
+                raise DataOrderError(f"{piece.path} changed since this run indexed it (its parquet footer's "
+                                     f"sha256 is {footer[:12]}..., the index says {piece.footer[:12]}...): "
+                                     "training on it would break exact resume; restore the file")
         meta = pq.ParquetFile(handle).metadata
         bounds = [0]
         for g in range(meta.num_row_groups):
@@ -197,7 +207,7 @@ def window_shuffle(batch: pa.Table, window: int, seed: int, row_bytes: int, firs
                    last: tuple[int, int], pad: int) -> pa.Table:
     """One window, read in file order (then its ALIGN filler) -> its samples in trained order,
     with trained positions: offset o gets the sample at S[start + perm[o]], perm from (seed,
-    epoch, window) as trainers/data.py's SampleOrder. Keeps positions from `first` (epoch,
+    epoch, window) as data/order.py's SampleOrder. Keeps positions from `first` (epoch,
     cursor) up to `last` (epoch, stop); after the stream's last window, `pad` PAD rows."""
     epochs = batch.column("epoch").to_numpy()
     real = batch.filter(pa.array(epochs >= 0)) if (epochs < 0).any() else batch

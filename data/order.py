@@ -15,7 +15,7 @@ count:
 Training consumes the trained sequence in global batches of G samples; in global batch b, rank
 r of W takes positions [b*G + r*G/W, b*G + (r+1)*G/W). The cursor is one number, the global
 samples consumed in the epoch, so a run can resume on any number of workers with the same G.
-trainers/ingest.py reads the train set from the cursor through Ray Data (windows before the
+data/stream.py reads the train set from the cursor through Ray Data (windows before the
 cursor's window never opened; that window read from the row group holding its first sample);
 this module only says where each sample lives.
 """
@@ -26,71 +26,8 @@ import bisect
 from dataclasses import dataclass
 
 import numpy as np
-import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
-from storage.location import join
-
-
-@dataclass(frozen=True)
-class DataIndex:
-    """The train files in canonical (sorted) order: where they are now (files, on the data
-    path's filesystem), their row counts, and what identifies them wherever the dataset lives:
-    the name relative to the data path, the size and a fingerprint (sha256 of the parquet
-    footer: row groups, row counts and column statistics; one small read, local or gs://)."""
-
-    files: tuple[str, ...]
-    rows: tuple[int, ...]
-    names: tuple[str, ...] = ()
-    sizes: tuple[int, ...] = ()
-    footers: tuple[str, ...] = ()
-
-    @property
-    def total_rows(self) -> int:
-        return sum(self.rows)
-
-    def to_json(self) -> dict:
-        """metadata.json's data_index: relative names, never where the data was (a resume
-        finds them under its own data.path)."""
-        return {"files": list(self.names or self.files), "rows": list(self.rows), "sizes": list(self.sizes),
-                "footers": list(self.footers)}
-
-    @classmethod
-    def from_json(cls, data: dict, root: str | None = None) -> DataIndex:
-        """The index of a checkpoint, its names resolved under root (the data path as a
-        pyarrow path); without root the names are taken as they are."""
-        names = tuple(data["files"])
-        files = tuple(join(root, n) for n in names) if root is not None else names
-        return cls(files, tuple(int(r) for r in data["rows"]), names,
-                   tuple(int(x) for x in data.get("sizes", ())), tuple(data.get("footers", ())))
-
-
-def footer_fingerprint(fs: pafs.FileSystem, path: str) -> tuple[int, str, int]:
-    """(size, sha256 of the parquet footer, rows): what identifies a train file, from its last
-    bytes alone."""
-    import hashlib
-    import struct
-
-    with fs.open_input_file(path) as f:
-        size = f.size()
-        tail = f.read_at(8, size - 8) if size >= 12 else b""
-        if len(tail) != 8 or tail[4:] != b"PAR1":
-            raise ValueError(f"{path} is not a parquet file (no footer)")
-        length = struct.unpack("<I", tail[:4])[0]
-        footer = f.read_at(length, size - 8 - length)
-        rows = pq.ParquetFile(f).metadata.num_rows
-    return size, hashlib.sha256(footer).hexdigest(), rows
-
-
-def build_index(fs: pafs.FileSystem, data_path: str) -> DataIndex:
-    """List {data_path}/train/*.parquet and read each footer (row count, size, fingerprint; no
-    data read)."""
-    selector = pafs.FileSelector(join(data_path, "train"), recursive=False)
-    paths = sorted(i.path for i in fs.get_file_info(selector) if i.path.endswith(".parquet"))
-    prints = [footer_fingerprint(fs, path) for path in paths]
-    root = data_path.rstrip("/") + "/"
-    return DataIndex(tuple(paths), tuple(r for _, _, r in prints), tuple(p[len(root):] for p in paths),
-                     tuple(size for size, _, _ in prints), tuple(h for _, h, _ in prints))
+from data.index import DataIndex
 
 
 def epoch_order(num_files: int, seed: int, epoch: int) -> list[int]:
@@ -144,7 +81,7 @@ class EpochOrder:
 
 
 SHUFFLE_BYTES = 256 << 20  # default window: about this much of samples (small corpora: the whole epoch)
-ROW_OVERHEAD = 8 + 4 + 8  # id, epoch, pos beside the tokens (trainers/ingest.py's rows)
+ROW_OVERHEAD = 8 + 4 + 8  # id, epoch, pos beside the tokens (data/stream.py's rows)
 
 
 def shuffle_window(cfg, token_dtype: str = "uint8") -> int:
@@ -227,16 +164,3 @@ class SampleOrder:
         """Files (in epoch order) wholly in the windows before the cursor's: trained on in full
         and never opened again by a resume (the F of checkpoint-epoch{E}-step{S}-files{F})."""
         return self.files.files_done(self.read_start(cursor))
-
-
-def read_all(fs: pafs.FileSystem, folder: str, dtype: str = "uint8") -> tuple[np.ndarray, np.ndarray]:
-    """Every row of every parquet file in folder (validation data): (ids, tokens uint8).
-
-    The files are listed here, not by pyarrow's dataset discovery, which would recurse and skip
-    names starting with '_' or '.': only folder/*.parquet, in sorted order, all of them."""
-    selector = pafs.FileSelector(folder, recursive=False)
-    paths = sorted(i.path for i in fs.get_file_info(selector) if i.path.endswith(".parquet"))
-    table = pq.read_table(paths, filesystem=fs, columns=["id", "tokens"], partitioning=None)
-    tokens = table.column("tokens").to_pylist()
-    arr = np.frombuffer(b"".join(tokens), dtype=np.dtype(dtype).newbyteorder("<")).reshape(len(tokens), -1)
-    return table.column("id").to_numpy(), arr

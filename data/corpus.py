@@ -26,7 +26,7 @@ import tempfile
 import pyarrow.fs as pafs
 
 from configs.schema import Config
-from ray_job import prepare_data
+from data import prepare as prepare_data
 from ray_job.errors import UserError
 from storage.location import Location, join
 
