@@ -105,8 +105,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"❌ Training failed: {type(e).__name__}: {e}", file=sys.stderr)
             return 1
         metrics = result.metrics or {}
-        print(f"🏁 Done: step {metrics.get('step')}, epoch {metrics.get('epoch')}, "
-              f"last checkpoint {metrics.get('checkpoint')} (progress started at step "
+        step, epoch = metrics.get("step"), metrics.get("epoch")
+        # The run's newest whole checkpoint, from storage: after a restart that trained nothing
+        # new (a worker lost while the last checkpoints uploaded), Ray's last result is older.
+        from storage import listing
+
+        newest = next((e for e in reversed(listing.scan(run)) if e.result.ok), None)
+        if newest is not None and (step is None or newest.name.step > step):
+            step, epoch = newest.name.step, newest.name.epoch
+        print(f"🏁 Done: step {step}, epoch {epoch}, last checkpoint "
+              f"{newest.name if newest else None} (progress started at step "
               f"{metrics.get('progress_initial')})")
         return 0
     except KeyboardInterrupt:

@@ -4,6 +4,8 @@ The lease holds the launch id, host, pid, start time and a heartbeat that a daem
 the driver refreshes every ``heartbeat_s`` while the job lives (Ray's in-run retries happen
 under the same driver, so they keep it). A second launch finds a fresh lease and is refused;
 a lease whose heartbeat is older than ``stale_s`` was left by a killed job and is taken over.
+So is, at once, a fresh lease whose holder ran on this host (same host name and pid
+namespace) and whose pid is gone: a job killed with SIGKILL, relaunched here.
 The job deletes its lease at the end, only if it is still its own.
 
 Every change is a compare-and-swap against the version that was read, so two launches can
@@ -72,6 +74,7 @@ class Holder:
     started_at: float  # seconds since the epoch, the holder's clock
     heartbeat: float
     write_id: str
+    pid_ns: str = ""  # the holder's pid namespace ("pid:[4026531836]"): pids mean one thing within it
 
     @classmethod
     def parse(cls, raw: bytes) -> Holder | None:
@@ -80,7 +83,8 @@ class Holder:
             if not isinstance(d, dict) or d.get("format") != FORMAT:
                 return None
             return cls(str(d["launch_id"]), str(d["host"]), int(d["pid"]),
-                         float(d["started_at"]), float(d["heartbeat"]), str(d["write_id"]))
+                       float(d["started_at"]), float(d["heartbeat"]), str(d["write_id"]),
+                       str(d.get("pid_ns", "")))
         except (ValueError, TypeError, KeyError):
             return None
 
@@ -88,11 +92,28 @@ class Holder:
         return json.dumps({"format": FORMAT, "launch_id": self.launch_id, "host": self.host,
                            "pid": self.pid, "started_at": self.started_at,
                            "started": _iso(self.started_at), "heartbeat": self.heartbeat,
-                           "write_id": self.write_id}, indent=2).encode()
+                           "write_id": self.write_id, "pid_ns": self.pid_ns}, indent=2).encode()
 
     def describe(self, now: float) -> str:
         return (f"host {self.host}, pid {self.pid}, launch {self.launch_id[:12]}, since "
                 f"{_iso(self.started_at)}, last heartbeat {max(0.0, now - self.heartbeat):.0f}s ago")
+
+
+def _pid_ns() -> str:
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # exists, another user's
+        return False
+    return False
 
 
 def _iso(t: float) -> str:
@@ -271,6 +292,7 @@ class Lease:
         self.clock = clock
         self.host = host or socket.gethostname()
         self.pid = os.getpid() if pid is None else pid
+        self.pid_ns = _pid_ns()
         self.log = log
         self.store = store if store is not None else _store(run)
         self.started_at = clock()
@@ -287,7 +309,13 @@ class Lease:
 
     def _fresh_record(self) -> Holder:
         return Holder(self.launch_id, self.host, self.pid, self.started_at, self.clock(),
-                      uuid.uuid4().hex)
+                      uuid.uuid4().hex, self.pid_ns)
+
+    def _dead_here(self, holder: Holder) -> bool:
+        """Whether the holder was a process of this host (and pid namespace) that is gone: a
+        job killed with SIGKILL, whose lease need not go stale before a relaunch here."""
+        return (bool(self.pid_ns) and holder.host == self.host and holder.pid_ns == self.pid_ns
+                and _gone(holder.pid))
 
     def _held_message(self, holder: Holder) -> str:
         return (f"run {self.run.uri} is in use by another launch ({holder.describe(self.clock())}); "
@@ -318,7 +346,8 @@ class Lease:
                 self._version, self._mine = version, holder
                 return None
             age = self.clock() - holder.heartbeat
-            if age <= self.stale_s:
+            dead = self._dead_here(holder)
+            if age <= self.stale_s and not dead:
                 raise LeaseHeld(self._held_message(holder), holder)
             record = self._fresh_record()
             try:
@@ -326,9 +355,13 @@ class Lease:
             except _Conflict:
                 continue  # another taker won, or the holder came back: look again
             self._mine = record
-            self.log(f"⚠️  Took over run {self.run.uri} from a launch whose lease went stale "
-                     f"({holder.describe(self.clock())}; stale after {self.stale_s:g}s): it was "
-                     "killed or lost its storage")
+            if age <= self.stale_s:
+                self.log(f"⚠️  Took over run {self.run.uri} from a launch whose process is gone "
+                         f"({holder.describe(self.clock())}; this host): it was killed")
+            else:
+                self.log(f"⚠️  Took over run {self.run.uri} from a launch whose lease went stale "
+                         f"({holder.describe(self.clock())}; stale after {self.stale_s:g}s): it "
+                         "was killed or lost its storage")
             return holder
         current = self.store.read()
         holder = Holder.parse(current[0]) if current else None
@@ -341,8 +374,7 @@ class Lease:
         with self._mutex:
             if self._version is None:
                 return False
-            record = Holder(self.launch_id, self.host, self.pid, self.started_at, self.clock(),
-                            uuid.uuid4().hex)
+            record = self._fresh_record()
             try:
                 self._version = self.store.replace(record.to_bytes(), self._version)
                 self._mine = record

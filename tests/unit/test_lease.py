@@ -242,3 +242,36 @@ def test_stale_s_is_a_checked_config_field():
     for bad in (0, 5, -1, float("inf"), float("nan")):
         with pytest.raises(ConfigError, match="checkpoint.lease_stale_s: must be at least 10"):
             CheckpointSection(lease_stale_s=bad)
+
+
+def _dead_pid() -> int:
+    import subprocess
+
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid
+
+
+@pytest.mark.parametrize("case", ["dead here", "alive here", "dead elsewhere"])
+def test_a_fresh_lease_of_a_killed_process_on_this_host_is_taken_over_at_once(run, case):
+    """A job killed with SIGKILL leaves a fresh lease: a relaunch on the same host, whose pid is
+    gone, takes it over at once (compare-and-swap, with the warning); a live pid, or another
+    host's pid, still waits for the lease to go stale."""
+    clock = Clock()
+    pid = os.getpid() if case == "alive here" else _dead_pid()
+    host = "this-host" if case != "dead elsewhere" else "other-host"
+    killed = Lease(run, "launch-a", stale_s=120, clock=clock, host=host, pid=pid, log=lambda m: None)
+    killed.acquire()
+    clock.t += 5  # fresh
+    said = []
+    relaunch = Lease(run, "launch-b", stale_s=120, clock=clock, host="this-host", log=said.append)
+    if case == "dead here":
+        taken = relaunch.acquire()
+        assert taken is not None and taken.launch_id == "launch-a" and taken.pid == pid
+        assert relaunch.held and len(said) == 1 and "whose process is gone" in said[0]
+        assert json.loads(open(os.path.join(run.path, LEASE)).read())["launch_id"] == "launch-b"
+        assert not killed.refresh() and "another launch took it over" in killed.lost
+    else:
+        with pytest.raises(LeaseHeld):
+            relaunch.acquire()
+        assert said == [] and not relaunch.held
