@@ -34,7 +34,8 @@ def test_storage_access_by_service_account_not_key_files():
 
 
 def test_setup_installs_requirements_dashboard_local_token_auth():
-    assert any("-r ~/ray-train-resume/requirements.txt" in c for c in CONFIG["setup_commands"])
+    assert CONFIG["file_mounts"]["~/ray-train-resume"] == "."
+    assert CONFIG["setup_commands"] == ["cd ~/ray-train-resume && ./setup.sh"]
     head = " ".join(CONFIG["head_start_ray_commands"])
     assert "--dashboard-host=127.0.0.1" in head and "RAY_AUTH_MODE=token" in head
     assert "RAY_AUTH_MODE=token" in " ".join(CONFIG["worker_start_ray_commands"])
