@@ -279,8 +279,7 @@ class Stream:
             # (unfused, a task's last batch would be short: the stage's guard refuses that).
             last_epoch, stop = _end(self.index, self.seed, G, self.epoch, self.cursor, self.steps)
             ds = ds.map_batches(window_shuffle, batch_size=self.window, batch_format="pyarrow",
-                                num_cpus=SHUFFLE_CPUS, memory=2 * self.window * self.row_bytes,
-                                zero_copy_batch=True,
+                                num_cpus=SHUFFLE_CPUS, zero_copy_batch=True, scheduling_strategy="SPREAD",
                                 fn_kwargs={"window": self.window, "seed": self.seed, "row_bytes": self.row_bytes,
                                            "first": (self.epoch, self.cursor), "last": (last_epoch, stop),
                                            "pad": pad})
@@ -291,12 +290,13 @@ class Stream:
         # fused task gets exactly k*G rows per batch. It must not fuse the read in too: the
         # exact bundler would then count each read task as one row and hand k*G of them to
         # one task, serializing the reads. Distinct num_cpus keep the read apart.
-        # With a shuffle stage before it, the two would fuse if their remote args were equal and
-        # hand rank_major whole windows, not k*G rows: the shuffle stage reserves the memory
-        # its window takes (in and out), which this stage does not, so they stay apart
-        # (operator_fusion.py are_remote_args_compatible).
+        # With a shuffle stage before it, its fused op would otherwise fuse with this one (equal
+        # remote args) and hand rank_major whole windows, not k*G rows: a scheduling strategy of
+        # its own keeps them apart (remote args must match to fuse; scheduling_strategy is
+        # inherited only when unset: operator_fusion.py are_remote_args_compatible).
+        apart = {"scheduling_strategy": "DEFAULT"} if self.window else {}
         ds = ds.map_batches(rank_major, batch_size=k * G, batch_format="pyarrow",
-                            fn_kwargs={"global_batch": G, "world": W}, zero_copy_batch=True)
+                            fn_kwargs={"global_batch": G, "world": W}, zero_copy_batch=True, **apart)
         return ds.repartition(target_num_rows_per_block=k * (G // W), strict=True)
 
 
