@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -278,11 +279,17 @@ class Stream:
             # pieces), shuffled; the fused strict repartition makes the batches exact, as below
             # (unfused, a task's last batch would be short: the stage's guard refuses that).
             last_epoch, stop = _end(self.index, self.seed, G, self.epoch, self.cursor, self.steps)
-            ds = ds.map_batches(window_shuffle, batch_size=self.window, batch_format="pyarrow",
-                                num_cpus=SHUFFLE_CPUS, zero_copy_batch=True, scheduling_strategy="SPREAD",
-                                fn_kwargs={"window": self.window, "seed": self.seed, "row_bytes": self.row_bytes,
-                                           "first": (self.epoch, self.cursor), "last": (last_epoch, stop),
-                                           "pad": pad})
+            # scheduling_strategy: see below. It is inherited by the strict repartition (so the
+            # two still fuse), where another remote arg (memory, say) would keep them apart.
+            # Ray 2.60 warns that remote args given this way go in 2.64 (we pin 2.60); the
+            # guard in window_shuffle catches any change in how these stages fuse.
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+                ds = ds.map_batches(window_shuffle, batch_size=self.window, batch_format="pyarrow",
+                                    num_cpus=SHUFFLE_CPUS, zero_copy_batch=True, scheduling_strategy="SPREAD",
+                                    fn_kwargs={"window": self.window, "seed": self.seed,
+                                               "row_bytes": self.row_bytes, "first": (self.epoch, self.cursor),
+                                               "last": (last_epoch, stop), "pad": pad})
             # Ray fuses MapBatches -> strict StreamingRepartition only when batch_size is a
             # multiple of the target (operator_fusion.py _can_fuse): the target is the window.
             ds = ds.repartition(target_num_rows_per_block=self.window, strict=True)
@@ -295,8 +302,10 @@ class Stream:
         # its own keeps them apart (remote args must match to fuse; scheduling_strategy is
         # inherited only when unset: operator_fusion.py are_remote_args_compatible).
         apart = {"scheduling_strategy": "DEFAULT"} if self.window else {}
-        ds = ds.map_batches(rank_major, batch_size=k * G, batch_format="pyarrow",
-                            fn_kwargs={"global_batch": G, "world": W}, zero_copy_batch=True, **apart)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+            ds = ds.map_batches(rank_major, batch_size=k * G, batch_format="pyarrow",
+                                fn_kwargs={"global_batch": G, "world": W}, zero_copy_batch=True, **apart)
         return ds.repartition(target_num_rows_per_block=k * (G // W), strict=True)
 
 
