@@ -256,9 +256,19 @@ class CheckpointSection:
     """One launch writes a run at a time (its lease, {run}/.lease.json, refreshed every
     min(20, lease_stale_s / 4) s). A lease whose heartbeat is older than this was left by a
     killed job and the next launch takes it over; hosts' clocks must agree well within it."""
+    max_pending: int = 2
+    """At most this many checkpoints saved but not yet committed (written, uploaded, committed in
+    the background); a save beyond that waits for the oldest (counted as stall). Bounds the
+    local copies and the work a hard stop can lose."""
+    drain_timeout_s: float = 300.0
+    """A graceful stop (Ctrl-C, SIGTERM, `ray job stop`) finishes the checkpoints already saved
+    for up to this long before the job exits; a second Ctrl-C stops at once."""
 
     def __post_init__(self):
         _require(self.every > 0, "checkpoint.every", "must be positive")
+        _require(self.max_pending >= 1, "checkpoint.max_pending", "must be at least 1")
+        _require(_finite(self.drain_timeout_s) and self.drain_timeout_s >= 0,
+                 "checkpoint.drain_timeout_s", "must be >= 0")
         _require(self.upload in ("async", "sync"), "checkpoint.upload", "must be 'async' or 'sync'")
         _require(self.max_failures >= -1, "checkpoint.max_failures", "must be >= -1 (-1: no limit)")
         if self.run_name:  # empty: the config's name, checked on Config

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 import uuid
 
 from configs import ConfigError, with_overrides
@@ -78,11 +80,14 @@ def prepare(argv: list[str] | None = None) -> tuple:
 def main(argv: list[str] | None = None) -> int:
     from ray_job import ownership
 
-    lease = None
+    lease = plan = None
     try:
         try:
             cfg, storage, run, plan = prepare(argv)
             lease = ownership.take_run(cfg, run, plan)  # one launch writes a run; before Ray
+            from trainers import snapshots
+
+            snapshots.clear_earlier(run.uri, plan.launch_id)  # a killed launch's, on this node
         except (UserError, ConfigError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
@@ -97,20 +102,22 @@ def main(argv: list[str] | None = None) -> int:
             print(f"❌ Ray did not start: {type(e).__name__}: {first} (RAY_ADDRESS="
                   f"{os.environ.get('RAY_ADDRESS') or 'unset: a local Ray'})", file=sys.stderr)
             return 1
+        stop = GracefulStop(plan.launch_id, cfg.checkpoint.drain_timeout_s, lease)
         try:
-            result = launch.fit(cfg, run, storage, plan, verbose=plan.verbose)
-        except SystemExit:  # fit() installs Ray Train's Ctrl-C handler: it aborts the run, then exits
-            raise KeyboardInterrupt from None
+            result = stop.run(lambda: launch.fit(cfg, run, storage, plan, verbose=plan.verbose))
         except Exception as e:  # Ray wraps worker errors; the traceback is in the log above
             print(f"❌ Training failed: {type(e).__name__}: {e}", file=sys.stderr)
             return 1
+        if stop.asked:
+            newest = _newest(run)
+            print(f"🛑 Stopped: the newest committed checkpoint is {newest.name if newest else None}; "
+                  "continue with --resume latest", file=sys.stderr)
+            return 130
         metrics = result.metrics or {}
         step, epoch = metrics.get("step"), metrics.get("epoch")
         # The run's newest whole checkpoint, from storage: after a restart that trained nothing
         # new (a worker lost while the last checkpoints uploaded), Ray's last result is older.
-        from storage import listing
-
-        newest = next((e for e in reversed(listing.scan(run)) if e.result.ok), None)
+        newest = _newest(run)
         if newest is not None and (step is None or newest.name.step > step):
             step, epoch = newest.name.step, newest.name.epoch
         print(f"🏁 Done: step {step}, epoch {epoch}, last checkpoint "
@@ -120,13 +127,96 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         if lease is not None and lease.lost:  # ownership said why already
             return 1
-        print("error: interrupted (Ctrl-C or a stop signal); complete checkpoints are kept, one "
-              "being written stays incomplete and is never resumed", file=sys.stderr)
+        if plan is None:
+            print("error: interrupted before training started; nothing was written", file=sys.stderr)
+            return 130
+        _stopped_at_once(plan.launch_id, run)
         return 130
     finally:
         if lease is not None:
             lease.release()
+        if plan is not None:
+            from trainers import snapshots
+
+            snapshots.remove(run.uri, plan.launch_id)  # this node's part; workers remove theirs
+
+
+def _newest(run):
+    """The run's newest whole checkpoint in storage (sizes checked, not hashes)."""
+    from storage import listing
+
+    return next((e for e in reversed(listing.scan(run)) if e.result.ok), None)
+
+
+def _stopped_at_once(launch_id: str, run) -> None:
+    """A second Ctrl-C (or a lost lease): say which saved checkpoints stay incomplete."""
+    from storage import manifest
+    from trainers import stopping
+
+    saved = stopping.saved(launch_id)
+    if "ray" in sys.modules:  # stop the workers now: nothing more reaches storage
+        import ray
+
+        ray.shutdown()
+    incomplete = [n for n in saved if not manifest.check(run.child(n)).ok]
+    newest = _newest(run)
+    print("🛑 Stopped at once: " + (f"{', '.join(incomplete)} were saved and not committed: they "
+          "stay incomplete and are never resumed; " if incomplete else "every saved checkpoint was "
+          "committed; ") + f"the newest committed checkpoint is {newest.name if newest else None}",
+          file=sys.stderr)
+
+
+class GracefulStop:
+    """Ctrl-C or SIGTERM (what `ray job stop` sends) while training: ask the workers to stop at
+    the next step and finish the checkpoints already saved (trainers/stopping.py); a second
+    signal stops at once (KeyboardInterrupt). Ray Train's fit runs in a thread so that these
+    handlers are ours (fit installs its own, which aborts the run, only on the main thread)."""
+
+    def __init__(self, launch_id: str, drain_timeout_s: float, lease):
+        self.launch_id, self.drain_timeout_s, self.lease = launch_id, drain_timeout_s, lease
+        self.asked = False
+
+    def _handler(self, signum, frame):
+        if self.asked or (self.lease is not None and self.lease.lost):
+            raise KeyboardInterrupt
+        from trainers import stopping
+
+        self.asked = True
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        print(f"\n🛑 {name}: stopping at the next step, then finishing the checkpoints already saved "
+              f"(up to checkpoint.drain_timeout_s = {self.drain_timeout_s:g}s); Ctrl-C again to stop "
+              "at once", file=sys.stderr, flush=True)
+        stopping.request(self.launch_id)
+
+    def run(self, fit):
+        box: dict = {}
+
+        def target():
+            try:
+                box["result"] = fit()
+            except BaseException as e:  # handed to the main thread
+                box["error"] = e
+
+        thread = threading.Thread(target=target, name="fit", daemon=True)
+        previous = {s: signal.signal(s, self._handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            thread.start()
+            while thread.is_alive():
+                thread.join(0.2)
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+        if "error" in box:
+            raise box["error"]
+        return box["result"]
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if code == 130 and "ray" in sys.modules:
+        # Ray Train's fit may still be inside Ray in its thread (a stop at once): end here, as
+        # interpreter teardown under it can crash; everything of ours is released already.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

@@ -37,6 +37,7 @@ import json
 import os
 import random
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -55,7 +56,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from storage import manifest, transfer
 from storage.location import resolve
 from storage.names import CheckpointName
-from trainers import sharded
+from trainers import sharded, snapshots, stopping
 from trainers import source as sources
 from trainers.commit import Committer
 from trainers.launch_plan import LaunchPlan
@@ -188,6 +189,11 @@ class Checkpointer:
         # collectives line up; at most one staged copy waits while the previous one uploads.
         self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
         self.committer = Committer(plan) if rank == 0 else None
+        self.pending: list[tuple[str, object]] = []  # (name, future) saved, not yet committed
+        self.saved: list[str] = []  # every name this attempt saved (rank 0 tells the driver)
+        self.snapshots = snapshots.rank_folder(self.run.uri, plan.launch_id, rank)
+        snapshots.clear_earlier(self.run.uri, plan.launch_id)  # a killed launch's leftovers
+        os.makedirs(self.snapshots, exist_ok=True)
 
     # --- which checkpoint ------------------------------------------------------------------
 
@@ -274,6 +280,7 @@ class Checkpointer:
         started = time.time()
         if self.in_flight is not None:  # one staged copy at a time (bounded memory)
             self.in_flight.written.wait()
+        self._bound_backlog(name)
         waited = time.time() - started
         blobs = [None] * self.world
         if self.world > 1:
@@ -312,13 +319,18 @@ class Checkpointer:
             ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=str(name),
                              checkpoint_upload_mode=mode)
             return
-        folder = tempfile.mkdtemp(prefix=f"{name}-rank{self.rank}-")  # the writer thread removes it
+        folder = tempfile.mkdtemp(prefix=f"{name}-rank{self.rank}-", dir=self.snapshots)  # the writer removes it
         pending = self.in_flight = _Pending(self.format, staged, small, folder)
         pending.future = self.writer.submit(self._persist, pending, str(name), commit_fields)
+        self.pending.append((str(name), pending.future))
+        self.saved.append(str(name))
+        if self.rank == 0:
+            stopping.record_saved(self.plan.launch_id, self.saved)
         staged_mb = sum(v.numel() * v.element_size() for v in _tensors(staged)) / 2**20
         self.say(f"\n💾 Staged {name} in memory in {time.time() - started:.2f}s ({staged_mb:.1f} MB on "
                  f"rank 0{', waited ' + format(waited, '.2f') + 's for the previous one' if waited > 0.01 else ''}); "
-                 f"writing and uploading {'in the background' if mode is CheckpointUploadMode.ASYNC else 'now'}")
+                 f"writing and uploading {'in the background' if mode is CheckpointUploadMode.ASYNC else 'now'} "
+                 f"({len(self.unfinished())} of checkpoint.max_pending {self.cfg.checkpoint.max_pending} pending)")
         dest = self.run.child(str(name))
 
         def registered(checkpoint: Checkpoint, dir_name: str) -> Checkpoint:
@@ -331,6 +343,48 @@ class Checkpointer:
                          checkpoint_dir_name=str(name), checkpoint_upload_mode=mode,
                          delete_local_checkpoint_after_upload=False, checkpoint_upload_fn=registered)
         self.say(f"⏱️  Training blocked {time.time() - started:.3f}s for {name} ({mode.value.lower()} upload)")
+
+    def _bound_backlog(self, name: CheckpointName) -> None:
+        """At most checkpoint.max_pending checkpoints saved but not committed: wait for the oldest."""
+        self.pending = [(n, f) for n, f in self.pending if not f.done() or f.exception() is not None]
+        limit = self.cfg.checkpoint.max_pending
+        if len([f for _, f in self.pending if not f.done()]) < limit:
+            return
+        started = time.time()
+        oldest, future = next((n, f) for n, f in self.pending if not f.done())
+        self.say(f"⏳ {limit} checkpoints saved and not yet committed (checkpoint.max_pending): "
+                 f"{name} waits for {oldest}")
+        future.result()
+        self.say(f"⏳ {oldest} committed; {name} waited {time.time() - started:.2f}s")
+
+    def unfinished(self) -> list[str]:
+        return [n for n, f in self.pending if not f.done()]
+
+    def drain(self, timeout_s: float | None, show: bool = False) -> list[str]:
+        """Wait until every saved checkpoint is committed, up to timeout_s; the names still
+        unfinished after it (errors are raised, as Ray's report would)."""
+        from tqdm import tqdm
+
+        deadline = None if timeout_s is None else time.time() + timeout_s
+        todo = [(n, f) for n, f in self.pending]
+        bar = tqdm(total=len(todo), desc="Finishing checkpoints", unit="ckpt", ascii=True,
+                   disable=not show or not todo, file=sys.stdout, dynamic_ncols=False)
+        for _, future in todo:
+            left = None if deadline is None else max(0.0, deadline - time.time())
+            try:
+                future.result(timeout=left)
+            except TimeoutError:
+                break
+            bar.update(1)
+        bar.close()
+        return self.unfinished()
+
+    def close(self) -> None:
+        """The end of the attempt: no new work; this launch's snapshot folder goes (the writer
+        removes each snapshot once uploaded; one still being uploaded after a drain that timed
+        out fails and stays incomplete in storage, as the stop said)."""
+        self.writer.shutdown(wait=False, cancel_futures=True)
+        snapshots.remove(self.run.uri, self.plan.launch_id, self.rank)
 
     def _persist(self, pending: _Pending, name: str, commit_fields: dict | None) -> None:
         """The writer thread: write the staged state to local disk, hash it, upload it into the

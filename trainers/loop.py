@@ -20,7 +20,7 @@ from data.index import read_all
 from data.order import SampleOrder, shuffle_window
 from data.stream import DataOrderError, check_batch, tokens_of
 from storage.location import resolve
-from trainers import parallel
+from trainers import parallel, stopping
 from trainers.audit import Audit
 from trainers.checkpointer import Checkpointer, seed_rank
 from trainers.launch_plan import LaunchPlan
@@ -105,7 +105,11 @@ def train_loop(plan: LaunchPlan) -> None:
             state.epoch, state.samples_in_epoch = state.epoch + 1, 0
             order = SampleOrder.make(plan.data_index, cfg.data.shuffle_seed, state.epoch, G, window)
 
-        mean_loss = strategy.reduce(loss.detach().float(), "mean").item()
+        # The stop flag rides the loss all-reduce: every rank learns a stop at the same step.
+        asked = float(rank == 0 and stopping.requested(plan.launch_id))
+        summed = strategy.reduce(torch.stack([loss.detach().float(),
+                                              torch.tensor(asked, device=loss.device)]), "sum")
+        mean_loss, stop = (summed[0] / world).item(), summed[1].item() > 0
         state.best_loss = min(state.best_loss, mean_loss)
         if state.step % cfg.train.log_every == 0:
             state.loss_history.append([state.step, mean_loss])
@@ -127,19 +131,41 @@ def train_loop(plan: LaunchPlan) -> None:
             state.val_history.append([state.step, val_loss])
             state.best_val_loss = min(state.best_val_loss, val_loss)
         notice = preemption.notice(state.step)
-        if state.step % cfg.checkpoint.every == 0 or last or notice is not None:
+        if state.step % cfg.checkpoint.every == 0 or last or notice is not None or stop:  # stop: keep this step
             checkpointer.save(state, order.files_done(state.samples_in_epoch), preempted=notice is not None)
-        if notice is not None and not last:
-            preemption.hold(notice)
+        if notice is not None:
+            # the preemption's checkpoint is committed before anything else can be dropped
+            checkpointer.drain(cfg.checkpoint.drain_timeout_s)
+            if not last:
+                preemption.hold(notice)
+        if stop and not last:
+            _stop(checkpointer, state, cfg, say, rank)
+            break
 
     # --- finish ---------------------------------------------------------------------------
     bar.close()
+    checkpointer.drain(None)  # every checkpoint saved is committed before the attempt ends
+    checkpointer.close()
     trained = state.step - progress_initial
     if first_step_at is not None and trained > 1:
         rate = (trained - 1) / (time.time() - first_step_at)
         say(f"⏱️  Loop started at {loop_started:.3f}; {trained - 1} steps after the first at {rate:.3f} steps/s")
     say(f"🏁 Training finished at step {state.step}, epoch {state.epoch}; "
         f"best loss {state.best_loss:.4f}; progress started at step {progress_initial}")
+
+
+def _stop(checkpointer, state, cfg: Config, say, rank: int) -> None:
+    """A graceful stop (trainers/stopping.py): finish the checkpoints already saved, then end."""
+    todo = checkpointer.unfinished()
+    say(f"\n🛑 Stop requested: stopped after step {state.step} (saved); finishing {len(todo)} checkpoint(s) "
+        f"saved and not yet committed (up to {cfg.checkpoint.drain_timeout_s:g}s; Ctrl-C again to stop at once)")
+    started = time.time()
+    left = checkpointer.drain(cfg.checkpoint.drain_timeout_s, show=rank == 0)
+    if left:
+        say(f"🛑 {len(left)} checkpoint(s) not finished within checkpoint.drain_timeout_s: "
+            f"{', '.join(left)} stay incomplete and are never resumed")
+    else:
+        say(f"🛑 Every saved checkpoint is committed ({time.time() - started:.1f}s)")
 
 
 @torch.no_grad()

@@ -117,25 +117,55 @@ def test_two_jobs_take_over_a_killed_jobs_lease_on_gcs(ray_address, corpus, gcs,
     assert bucket.get_blob(f"one-writer/shared/{LEASE}") is None
 
 
-def test_ctrl_c_during_training_is_130_one_line_lease_released(ray_address, corpus, tmp_path):
+@pytest.mark.parametrize("signals", [[signal.SIGINT], [signal.SIGTERM], [signal.SIGTERM, signal.SIGINT]],
+                         ids=["ctrl-c", "sigterm", "sigterm then ctrl-c"])
+def test_a_stop_keeps_every_checkpoint_it_announced_and_leaves_no_snapshot(ray_address, corpus, tmp_path,
+                                                                           signals):
+    """Ctrl-C or SIGTERM (what `ray job stop` sends) with a backlog (a checkpoint every 2 steps):
+    training stops at the next step, every checkpoint the log says was saved is committed (or,
+    after a second signal, named as incomplete), exit 130, the lease is released and no
+    snapshot folder is left; the backlog never exceeds checkpoint.max_pending."""
+    import re
+
+    from storage import manifest
+    from trainers import snapshots
+
     storage = tmp_path / "ckpt"
-    job = launcher.start([*TINY, "--max-steps", "40", "--storage", storage, "--run-name", "interrupted",
-                          "--set", f"data.path={corpus}"], ray_address=ray_address, stderr=subprocess.PIPE)
+    job = launcher.start(["--config", "test", "--max-steps", "40", "--checkpoint-every", "2",
+                          "--storage", storage, "--run-name", "stopped", "--set", f"data.path={corpus}"],
+                         ray_address=ray_address, stderr=subprocess.PIPE)
+    run = resolve(str(storage / "stopped"))
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and job.poll() is None and not list(storage.glob("*/checkpoint-*/metadata.json")):
         time.sleep(0.2)  # training is under way: its first checkpoint is complete
     assert job.poll() is None, job.communicate()
-    job.send_signal(signal.SIGINT)  # what Ctrl-C sends
-    out, err = job.communicate(timeout=120)
+    complete_before = [e.name for e in listing.scan(run, verify_hashes=True) if e.result.ok]
+    for sig in signals:
+        job.send_signal(sig)
+        time.sleep(0.5)
+    out, err = job.communicate(timeout=300)
     assert job.returncode == 130, (job.returncode, err[-3000:])
-    ours = [line for line in err.splitlines() if line.startswith(("error:", "❌"))]
-    assert ours == ["error: interrupted (Ctrl-C or a stop signal); complete checkpoints are kept, "
-                    "one being written stays incomplete and is never resumed"], err[-3000:]
-    assert not (storage / "interrupted" / LEASE).exists()
-    run = resolve(str(storage / "interrupted"))
-    for entry in listing.scan(run, verify_hashes=True):  # whole, or visibly not (never half-committed)
-        result = entry.result
-        assert result.ok or result.status is Status.INCOMPLETE, (entry.name, result.reason)
+    saved = re.findall(r"💾 Staged (checkpoint-\S+) in memory", out)
+    assert saved and "Training finished at step 40" not in out  # stopped mid-run
+    ours = [line for line in err.splitlines() if line.startswith(("error:", "❌", "🛑"))]
+    if len(signals) == 1:
+        assert all(manifest.check(run.child(n), verify_hashes=True).ok for n in saved), (saved, out[-3000:])
+        assert ours[-1] == (f"🛑 Stopped: the newest committed checkpoint is {saved[-1]}; continue "
+                            "with --resume latest"), err[-3000:]
+        assert f"🛑 Stop requested: stopped after step {saved[-1].split('step')[1].split('-')[0]} (saved)" in out
+    else:  # stopped at once: whatever is not committed is named, and never passes for whole
+        incomplete = [n for n in saved if not manifest.check(run.child(n), verify_hashes=True).ok]
+        said = ours[-1]
+        assert said.startswith("🛑 Stopped at once: "), err[-3000:]
+        assert all(n in said for n in incomplete), (incomplete, said)
+        for entry in listing.scan(run, verify_hashes=True):
+            assert entry.result.ok or entry.result.status is Status.INCOMPLETE, (entry.name, entry.result.reason)
+    for name in complete_before:  # what was complete before the signal still verifies
+        assert manifest.check(run.child(str(name)), verify_hashes=True).ok, name
+    pending = [int(n) for n in re.findall(r"\((\d+) of checkpoint.max_pending 2 pending\)", out)]
+    assert pending and max(pending) <= 2
+    assert not (storage / "stopped" / LEASE).exists()
+    assert not Path(snapshots.run_folder(run.uri)).exists()
 
 
 def test_ray_start_failure_is_exit_1_one_line_and_the_lease_is_released(corpus, tmp_path):

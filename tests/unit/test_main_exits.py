@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 import types
@@ -45,21 +46,61 @@ def test_ctrl_c_is_130_one_line_and_the_lease_released(launch, capsys):
 
     fake.fit = fit
     assert train.main([]) == 130
-    assert _err_lines(capsys) == ["error: interrupted (Ctrl-C or a stop signal); complete checkpoints "
-                                  "are kept, one being written stays incomplete and is never resumed"]
+    assert _err_lines(capsys) == ["🛑 Stopped at once: every saved checkpoint was committed; the "
+                                  "newest committed checkpoint is None"]
     assert not (run / LEASE).exists()
 
 
-def test_ray_trains_own_ctrl_c_handler_exiting_is_130(launch, capsys):
-    """During fit() Ray Train's SIGINT handler aborts the run and raises SystemExit (seen: 1)."""
-    fake, run = launch
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_first_signal_asks_the_workers_to_stop_and_exits_130_naming_the_newest(launch, capsys,
+                                                                                 monkeypatch, sig):
+    """Ctrl-C or SIGTERM (`ray job stop`) during fit: the workers are asked to stop at the next
+    step (trainers/stopping.py) and fit returns once they have finished their checkpoints."""
+    from trainers import stopping
 
-    def fit(*a, **kw):
-        raise SystemExit(1)
+    fake, run = launch
+    asked = []
+    monkeypatch.setattr(stopping, "request", asked.append)
+
+    def fit(*a, **kw):  # runs in a thread: the handler is the driver's, in the main thread
+        os.kill(os.getpid(), sig)
+        for _ in range(500):
+            if asked:
+                return types.SimpleNamespace(metrics={})
+            time.sleep(0.01)
+        pytest.fail("the stop was not asked")
 
     fake.fit = fit
     assert train.main([]) == 130
-    assert _err_lines(capsys)[0].startswith("error: interrupted (Ctrl-C or a stop signal)")
+    assert asked == ["this-launch"]
+    lines = _err_lines(capsys)
+    name = "Ctrl-C" if sig == signal.SIGINT else "SIGTERM"
+    assert lines[0].startswith(f"🛑 {name}: stopping at the next step, then finishing the checkpoints")
+    assert lines[-1] == "🛑 Stopped: the newest committed checkpoint is None; continue with --resume latest"
+    assert not (run / LEASE).exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers put back
+
+
+def test_a_second_ctrl_c_stops_at_once_and_names_the_saved_checkpoints_left_incomplete(
+        launch, capsys, monkeypatch):
+    from trainers import stopping
+
+    fake, run = launch
+    monkeypatch.setattr(stopping, "request", lambda launch_id: None)
+    monkeypatch.setattr(stopping, "saved", lambda launch_id: ["checkpoint-epoch0-step4-files1"])
+
+    def fit(*a, **kw):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.2)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(5)
+        pytest.fail("not stopped at once")
+
+    fake.fit = fit
+    assert train.main([]) == 130
+    assert _err_lines(capsys)[-1] == (
+        "🛑 Stopped at once: checkpoint-epoch0-step4-files1 were saved and not committed: they stay "
+        "incomplete and are never resumed; the newest committed checkpoint is None")
     assert not (run / LEASE).exists()
 
 
@@ -100,26 +141,27 @@ def test_a_live_lease_refuses_with_exit_2_before_ray(launch, capsys):
 
 
 def test_a_lost_lease_stops_the_launch_with_exit_1(launch, capsys, monkeypatch):
-    from ray_job import ownership
+    """The real heartbeat (every 2.5 s at lease_stale_s=10) finds the lease taken and stops the
+    launch at once, through the same handler as Ctrl-C, with exit 1."""
+    from configs import with_overrides
     from storage.lease import _LocalStore
 
     fake, run = launch
-    taken = []
-    real = ownership.take_run
-    monkeypatch.setattr(ownership, "take_run", lambda *a: taken.append(real(*a)) or taken[0])
+    cfg, storage, run_loc, plan = train.prepare([])
+    cfg = with_overrides(cfg, {"checkpoint": {"lease_stale_s": 10}})
+    monkeypatch.setattr(train, "prepare", lambda argv: (cfg, storage, run_loc, plan))
 
     def fit(*a, **kw):  # another launch takes the lease; the heartbeat finds out and stops this one
         store = _LocalStore(str(run))
         raw, version = store.read()
         store.replace(Holder("thief", "h", 1, time.time(), time.time(), "x").to_bytes(), version)
-        assert taken[0].refresh() is False
-        ownership._stop_this_launch(taken[0].lost)  # what the heartbeat thread calls
-        for _ in range(1000):  # the interrupt lands in this (the main) thread
-            time.sleep(0.01)
+        time.sleep(10)
         pytest.fail("not interrupted")
 
     fake.fit = fit
+    started = time.monotonic()
     assert train.main([]) == 1
+    assert time.monotonic() - started < 6
     lines = _err_lines(capsys)
     assert len(lines) == 1 and lines[0].startswith("❌ lost the lease on run ")
     assert "another launch took it over (host h, pid 1" in lines[0]
