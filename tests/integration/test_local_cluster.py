@@ -16,7 +16,9 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
 from conftest import read_json
+from safetensors.torch import load_file
 
 from clusters import local
 from ray_job import launcher
@@ -76,12 +78,22 @@ def test_ray_up_submit_resume_lose_a_node_and_down(runs):
         assert second.returncode == 0 and "succeeded" in out, out[-6000:]
         assert STRAIGHT not in killed_before, "the node was lost after the run ended"
         assert "🏁 Done: step 40, epoch 1, last checkpoint checkpoint-epoch1-step40-files4" in out
+        for line in ("🔄 Attempting to resume training from checkpoint: checkpoint-epoch0-step8-files2",
+                     "✅ Resumed from checkpoint: checkpoint-epoch0-step8-files2",
+                     "   Starting from Step: 9, Epoch: 0",
+                     "   Training will continue from global step 9",
+                     "🔄 Resuming training from step 8, target: 40",
+                     "🔄 Resuming epoch 0: skipping 8 batches"):  # the guide's lines
+            assert line in out, line
         # the workers restarted from a checkpoint saved after the first job's
         resumed = re.findall(r"Resumed from checkpoint: checkpoint-epoch\d+-step(\d+)-", out)
         assert any(int(step) >= 16 for step in resumed), out[-6000:]
-        # exact: the same per-step losses as the straight run
+        # exact: the same per-step losses and weights as the straight run
         assert read_json(run / STRAIGHT / "training_metrics.json")["loss_history"] == \
             read_json(runs.ckpt("straight", STRAIGHT) / "training_metrics.json")["loss_history"]
+        a = load_file(runs.ckpt("straight", STRAIGHT) / "model.safetensors")
+        b = load_file(run / STRAIGHT / "model.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     finally:
         down = _local_sh("down", dir)
     assert down.returncode == 0, down.stdout + down.stderr
