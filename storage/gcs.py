@@ -47,6 +47,45 @@ def write_create_only(path: str, data: bytes) -> None:
         raise FileExistsError(f"gs://{path} already exists") from None
 
 
+def upload_create_only(path: str, local_file: str) -> None:
+    """Upload local_file to bucket/key only if no object is there, or one with the same MD5 (a
+    retried upload whose first try landed); FileExistsError otherwise."""
+    from google.api_core.exceptions import PreconditionFailed
+
+    bucket, key = _split(path)
+    try:
+        client().bucket(bucket).blob(key).upload_from_filename(local_file, if_generation_match=0)
+    except PreconditionFailed:
+        there = client().bucket(bucket).get_blob(key)
+        if there is None or there.md5_hash != md5_file(local_file):
+            raise FileExistsError(f"gs://{path} already exists") from None
+
+
+def delete_if_generation(path: str) -> None:
+    """Delete bucket/key, the generation read just now only (a newer write is kept)."""
+    from google.api_core.exceptions import NotFound, PreconditionFailed
+
+    bucket, key = _split(path)
+    blob = client().bucket(bucket).get_blob(key)
+    if blob is not None:
+        try:
+            blob.delete(if_generation_match=blob.generation)
+        except (NotFound, PreconditionFailed):
+            pass
+
+
+def md5_file(local_file: str) -> str:
+    """The base64 MD5 GCS reports for an object with local_file's bytes."""
+    import base64
+    import hashlib
+
+    md5 = hashlib.md5(usedforsecurity=False)
+    with open(local_file, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            md5.update(chunk)
+    return base64.b64encode(md5.digest()).decode()
+
+
 def md5s(prefix_path: str) -> dict[str, str]:
     """{path relative to prefix: base64 MD5} for every object under bucket/prefix/."""
     bucket, prefix = _split(prefix_path.rstrip("/") + "/")

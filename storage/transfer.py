@@ -38,7 +38,10 @@ def upload(local_dir: str, dest: Location) -> None:
 
 def upload_files(local_dir: str, dest: Location) -> None:
     """Copy every file of local_dir but metadata.json into dest (one rank's part of a checkpoint;
-    the commit comes after every rank's). Refused where dest is already committed."""
+    the commit comes after every rank's). Refused where dest is already committed, and no file
+    is ever written over another's (_put_create_only): a second launch writing the same name (one
+    whose lease was taken over while its workers still upload) cannot change a checkpoint the
+    other committed."""
     if exists(dest.fs, join(dest.path, METADATA)):
         raise CheckpointError(f"refusing to overwrite the existing checkpoint {dest.uri}")
     dest.fs.create_dir(dest.path, recursive=True)
@@ -46,12 +49,59 @@ def upload_files(local_dir: str, dest: Location) -> None:
     for root, _, names in os.walk(local_dir):
         for name in names:
             rels.append(os.path.relpath(os.path.join(root, name), local_dir).replace(os.sep, "/"))
-    local = pafs.LocalFileSystem()
     for rel in sorted(r for r in rels if r != METADATA):
         if "/" in rel:
             dest.fs.create_dir(join(dest.path, rel.rsplit("/", 1)[0]), recursive=True)
-        pafs.copy_files(os.path.join(local_dir, rel), join(dest.path, rel),
-                        source_filesystem=local, destination_filesystem=dest.fs, chunk_size=CHUNK)
+        _put_create_only(os.path.join(local_dir, rel), dest, rel)
+
+
+def _put_create_only(source: str, dest: Location, rel: str) -> None:
+    """source's bytes at dest/rel, never replacing a file of a committed checkpoint.
+
+    Created only where nothing is, or the same bytes are (this writer's retry). A different
+    file in a folder that is not committed was left by a writer that lost the run (a killed or
+    taken-over launch): it is removed and the create tried once more; losing again means a
+    writer is still at work there, and this one stops (CheckpointError). Once committed, a
+    folder's files can never change: every writer creates, none overwrites.
+    """
+    target = join(dest.path, rel)
+    for attempt in range(2):
+        try:
+            if dest.is_gcs:
+                gcs.upload_create_only(target, source)
+            elif dest.is_local:
+                _copy_create_only(source, target)
+            else:  # no create-only primitive in pyarrow's generic API: look, then copy
+                if exists(dest.fs, target):
+                    raise FileExistsError(target)
+                pafs.copy_files(source, target, source_filesystem=pafs.LocalFileSystem(),
+                                destination_filesystem=dest.fs, chunk_size=CHUNK)
+            return
+        except FileExistsError:
+            if exists(dest.fs, join(dest.path, METADATA)):
+                raise CheckpointError(f"refusing to overwrite the existing checkpoint {dest.uri} "
+                                      f"(another writer committed it while this one uploaded)") from None
+            if attempt == 1:
+                raise CheckpointError(f"{dest.uri}/{rel} is being written by another writer of this "
+                                      "checkpoint; this one writes nothing over it") from None
+            if dest.is_gcs:
+                gcs.delete_if_generation(target)
+            else:
+                dest.fs.delete_file(target)
+
+
+def _copy_create_only(source: str, target: str) -> None:
+    """source's bytes appear at target whole (a temp file, then a hard link), only where nothing
+    is or the same bytes are; FileExistsError otherwise."""
+    tmp = f"{target}.{uuid.uuid4().hex}.tmp"
+    shutil.copyfile(source, tmp)
+    try:
+        link_create_only(tmp, target)
+    except FileExistsError:
+        if os.path.getsize(target) != os.path.getsize(source) or sha256_file(target) != sha256_file(source):
+            raise
+    finally:
+        os.unlink(tmp)
 
 
 def missing_or_wrong_size(dest: Location, files: dict) -> list[str]:

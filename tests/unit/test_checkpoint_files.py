@@ -133,8 +133,10 @@ def test_upload_copies_every_file_and_metadata_last(tmp_path, monkeypatch):
     commits = []
 
     def recorded_link(tmp, final):  # what a reader finds the moment before metadata.json appears
-        commits.append((final, {r: d for r, d in files_in(dest_dir).items() if not r.startswith("metadata.json")},
-                        os.path.exists(final)))
+        if final.endswith("/metadata.json"):  # (data files appear through it too, create-only)
+            commits.append((final, {r: d for r, d in files_in(dest_dir).items()
+                                    if not r.startswith("metadata.json") and not r.endswith(".tmp")},
+                            os.path.exists(final)))
         link(tmp, final)
 
     monkeypatch.setattr(transfer, "link_create_only", recorded_link)
@@ -180,6 +182,49 @@ def test_upload_completes_a_partial_destination(tmp_path):
     assert manifest.check(dest, verify_hashes=True).ok
 
 
+def test_a_second_writer_never_changes_a_checkpoint_the_first_committed(tmp_path, monkeypatch):
+    """Two writers of one name (a launch whose lease was taken over while its workers still
+    upload): the loser got past the first look before the winner committed, then uploads its
+    own files. It is refused, and the winner's checkpoint still verifies, hashes included."""
+    ours, theirs = tmp_path / "winner", tmp_path / "loser"
+    make_local(ours, FLAT)
+    make_local(theirs, {rel: data + b" (another state)" for rel, data in FLAT.items()})
+    dest = resolve(str(tmp_path / "run")).child("checkpoint-epoch0-step8-files2")
+    transfer.upload(str(ours), dest)
+    looked = transfer.exists
+    first_look = [True]
+
+    def stale_first_look(fs, path):  # what the loser saw before the winner committed
+        if path.endswith("/metadata.json") and first_look:
+            first_look.pop()
+            return False
+        return looked(fs, path)
+
+    monkeypatch.setattr(transfer, "exists", stale_first_look)
+    with pytest.raises(CheckpointError, match="refusing to overwrite the existing checkpoint"):
+        transfer.upload_files(str(theirs), dest)
+    result = manifest.check(dest, verify_hashes=True)
+    assert result.ok, result.reason
+    folder = tmp_path / "run" / "checkpoint-epoch0-step8-files2"
+    assert {rel: (folder / rel).read_bytes() for rel in FLAT} == FLAT
+    assert not [n for n in os.listdir(folder) if n.endswith(".tmp")]
+
+
+def test_a_leftover_file_of_a_writer_that_lost_the_run_is_replaced_before_the_commit(tmp_path):
+    """An uncommitted folder holding another writer's file (a killed launch's): removed and
+    written again; the same bytes (this writer's own retry) are kept as they are."""
+    local = tmp_path / "local"
+    make_local(local, FLAT)
+    folder = tmp_path / "run" / "checkpoint-epoch0-step8-files2"
+    os.makedirs(folder)
+    (folder / "model.safetensors").write_bytes(b"a killed launch's")
+    same = next(rel for rel in FLAT if rel != "model.safetensors" and "/" not in rel)
+    (folder / same).write_bytes(FLAT[same])
+    dest = resolve(str(tmp_path / "run")).child("checkpoint-epoch0-step8-files2")
+    transfer.upload(str(local), dest)
+    assert manifest.check(dest, verify_hashes=True).ok
+
+
 def test_upload_to_a_non_local_filesystem(tmp_path):
     local = tmp_path / "local"
     make_local(local, FLAT)
@@ -205,7 +250,15 @@ def test_upload_commit_on_gcs_is_create_only_and_last(tmp_path, monkeypatch):
         events.append((path, data, files_in(dest_dir)))
 
     monkeypatch.setattr(gcs, "write_create_only", create_only)
+    uploads = []
+
+    def upload_create_only(path, local_file):  # the data files: create-only too, stand-in on disk
+        uploads.append(path)
+        transfer._copy_create_only(local_file, path)
+
+    monkeypatch.setattr(gcs, "upload_create_only", upload_create_only)
     transfer.upload(str(local), dest)
+    assert sorted(uploads) == sorted(dest.path + "/" + rel for rel in FLAT)
     assert len(events) == 1
     path, data, present = events[0]
     assert path == dest.path + "/metadata.json"

@@ -124,7 +124,7 @@ def _race(run, clock, names: list[str]) -> dict:
         try:
             me.acquire()
             outcomes[name] = me
-        except LeaseHeld as e:
+        except BaseException as e:  # LeaseHeld expected; anything else fails the test below
             outcomes[name] = e
 
     threads = [threading.Thread(target=take, args=(name,)) for name in names]
@@ -132,7 +132,17 @@ def _race(run, clock, names: list[str]) -> dict:
         t.start()
     for t in threads:
         t.join()
+    assert sorted(outcomes) == sorted(names), outcomes  # every thread answered
     return outcomes
+
+
+def _one_winner(outcomes: dict) -> Lease:
+    """Exactly one winner; every other thread refused with LeaseHeld naming it."""
+    winners = [o for o in outcomes.values() if isinstance(o, Lease)]
+    others = [o for o in outcomes.values() if not isinstance(o, Lease)]
+    assert len(winners) == 1 and all(isinstance(o, LeaseHeld) for o in others), outcomes
+    assert all(e.holder.launch_id == winners[0].launch_id for e in others), outcomes
+    return winners[0]
 
 
 def test_two_takers_of_one_stale_lease_exactly_one_wins(run):
@@ -142,22 +152,17 @@ def test_two_takers_of_one_stale_lease_exactly_one_wins(run):
         dead.acquire()
         clock.t += 500
         outcomes = _race(run, clock, [f"taker-{i}" for i in range(3)])
-        winners = [o for o in outcomes.values() if isinstance(o, Lease)]
-        losers = [o for o in outcomes.values() if isinstance(o, LeaseHeld)]
-        assert len(winners) == 1 and len(losers) == 2, outcomes
+        winner = _one_winner(outcomes)
         on_disk = json.loads(open(os.path.join(run.path, LEASE)).read())
-        assert on_disk["launch_id"] == winners[0].launch_id
-        assert all(e.holder.launch_id == winners[0].launch_id for e in losers)
-        assert winners[0].release()
+        assert on_disk["launch_id"] == winner.launch_id
+        assert winner.release()
 
 
 def test_two_starters_of_a_free_run_exactly_one_wins(run):
     for round_ in range(25):
         clock = Clock()
         outcomes = _race(run, clock, [f"s{round_}-{i}" for i in range(3)])
-        winners = [o for o in outcomes.values() if isinstance(o, Lease)]
-        assert len(winners) == 1, outcomes
-        assert winners[0].release()
+        assert _one_winner(outcomes).release()
 
 
 def test_compare_and_swap_on_local_disk(tmp_path):
