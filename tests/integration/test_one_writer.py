@@ -98,10 +98,17 @@ def test_two_jobs_take_over_a_killed_jobs_lease_on_gcs(ray_address, corpus, gcs,
     bucket = gcs.client().bucket("ckpts")
     dead = Holder("killed-launch", "gone-host", 999999, time.time() - 7200, time.time() - 3600, "w")
     bucket.blob(f"one-writer/shared/{LEASE}").upload_from_string(dead.to_bytes(), if_generation_match=0)
+    from trainers import snapshots  # what the killed launch left on this node: its snapshots
+
+    leftover = Path(snapshots.launch_folder("gs://ckpts/one-writer/shared", "killed-launch"))
+    (leftover / "rank0" / "checkpoint-epoch0-step4-files1-rank0-x").mkdir(parents=True)
+    (leftover / "rank0" / "checkpoint-epoch0-step4-files1-rank0-x" / "optimizer.pt").write_bytes(b"0" * 100)
     env = launcher.env(ray_address, gcs.url)
     jobs = _two_at_once([*TINY, "--storage", "gs://ckpts/one-writer", "--run-name", "shared",
                          "--set", f"data.path={corpus}"], env)
     refused, done = _refused_and_done(jobs)
+    assert not leftover.exists()  # removed by the launch that took the run over
+    assert not Path(snapshots.run_folder("gs://ckpts/one-writer/shared")).exists()  # and its own
     took_over = [line for line in done.out.splitlines() if "Took over run" in line]
     assert len(took_over) == 1 and "host gone-host, pid 999999" in took_over[0]
     assert "last heartbeat 3600s ago" in took_over[0] or "last heartbeat 3601s ago" in took_over[0]
