@@ -7,6 +7,11 @@ on loopback (fake-gcs-server), a model whose checkpoint is ~150 MB (weights + Ad
    ~4%: 148.8 s -> 6.3 s at 7B). bench_sharded.py measures the same for ddp and fsdp at W=2.
 2. Whole-run overhead of checkpointing every N steps against none, measured, and projected to
    the production config's frequency (every 1000 steps). Target: <= 3.5% (CheckFreq).
+3. Backpressure (not in --quick): a checkpoint every step, faster than they upload: the most
+   checkpoints saved and not yet committed (<= checkpoint.max_pending, 2), how many saves
+   waited, and the loop's stall per checkpoint with the waits, against async every N.
+4. A graceful stop (not in --quick): Ctrl-C in the middle of that run: seconds from the stop
+   to every saved checkpoint committed, and how many were pending at the stop.
 
     python benchmarks/bench_checkpoint.py [--quick]
 """
@@ -14,6 +19,7 @@ on loopback (fake-gcs-server), a model whose checkpoint is ~150 MB (weights + Ad
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 
 import _common
@@ -40,8 +46,15 @@ def main() -> None:
             rate = _common.floats(r"steps after the first at ([\d.]+) steps/s", out)[0]
             size = _common.floats(r"\(([\d.]+) MB on rank 0", out)
             results[mode] = (stalls, rate, size)
+        report(results, steps, every)
+        if not args.quick:
+            async_stall = statistics.median(results["async"][0][:-1] or results["async"][0])
+            backlog_and_stop(steps, sets, gcs.url, async_stall)
     finally:
         gcs.stop()
+
+
+def report(results: dict, steps: int, every: int) -> None:
     sync_stall = statistics.median(results["sync"][0][:-1] or results["sync"][0])
     async_stall = statistics.median(results["async"][0][:-1] or results["async"][0])
     size = results["async"][2][0] if results["async"][2] else float("nan")
@@ -62,6 +75,48 @@ def main() -> None:
     print(f"   cost per checkpoint incl. the dip {per_ckpt:.2f}s; projected at the production "
           f"frequency (every 1000 steps of {step_s:.2f}s): "
           f"{projected:.2%} (target <= 3.5%)  {'OK' if projected <= 0.035 else 'MISSED'}")
+
+
+def backlog_and_stop(steps: int, sets: list, gcs_url: str, async_stall: float) -> None:
+    import re
+    import signal
+    import time
+
+    from ray_job import launcher
+
+    cmd = ["--config", "test", "--num-workers", 1, "--storage", "gs://bench/backlog", "--run-name", "r",
+           "--max-steps", steps, "--checkpoint-every", 1]
+    for s in sets:
+        cmd += ["--set", s]
+    run = _common.run_cli(cmd, gcs_url)
+    assert run.rc == 0, run.out[-3000:]
+    pending = [int(n) for n in re.findall(r"\((\d+) of checkpoint.max_pending \d+ pending\)", run.out)]
+    waits = _common.floats(r"waited ([\d.]+)s\n", run.out)
+    stalls = _common.floats(r"Training blocked ([\d.]+)s", run.out)
+    stall = statistics.median(stalls[1:-1] or stalls)
+    print(f"3. a checkpoint every step ({len(pending)} saves): most pending {max(pending)} (max_pending 2); "
+          f"{len(waits)} saves waited for an upload; stall per checkpoint {stall:.3f}s "
+          f"({stall / async_stall:.1f}x async every N's {async_stall:.3f}s)")
+
+    job = launcher.start(cmd[:5] + ["backlog-stop"] + cmd[6:], ray_address=os.environ.get("BENCH_RAY_ADDRESS"),
+                         emulator=gcs_url)
+    out, saved = [], 0
+    for line in job.stdout:
+        out.append(line)
+        saved += "💾 Staged" in line
+        if saved == max(3, steps // 3):
+            break
+    job.send_signal(signal.SIGINT)
+    stopped = time.monotonic()
+    rest = job.communicate(timeout=600)[0]
+    took = time.monotonic() - stopped
+    text = "".join(out) + rest
+    assert job.returncode == 130, text[-3000:]
+    todo = re.search(r"finishing (\d+) checkpoint\(s\) saved and not yet committed", text)
+    drained = _common.floats(r"Every saved checkpoint is committed \(([\d.]+)s\)", text)
+    print(f"4. Ctrl-C after {saved} saves: {todo.group(1) if todo else '?'} pending at the stop, all "
+          f"committed in {drained[0] if drained else float('nan'):.1f}s; the job exited 130 "
+          f"{took:.1f}s after the signal")
 
 
 if __name__ == "__main__":
