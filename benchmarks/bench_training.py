@@ -72,7 +72,7 @@ def main() -> None:
     torch.set_num_threads(1)  # a Ray worker with 1 CPU gets OMP_NUM_THREADS=1: same here
     plain = plain_loop(cfg, data, steps)
 
-    base = ["--config", "test", "--num-workers", 1, "--storage", root / "ckpt"]
+    base = ["--config", "test", "--num-workers", 1, "--storage", root / "ckpt", "--verbose"]  # clock times
     for s in sets:
         base += ["--set", s]
     fresh_run = _common.run_cli(base + ["--run-name", "bench", "--max-steps", steps,
@@ -91,9 +91,9 @@ def main() -> None:
           f"ratio {service / plain:.3f} (target >= 0.9)  {'OK' if service / plain >= 0.9 else 'MISSED'}")
 
     def split(out: str, start: float) -> dict:
-        first_step = _common.floats(r"First step done at ([\d.]+)", out)[0]
-        loop = _common.floats(r"loop started at ([\d.]+)\)", out)[0]
-        batch = _common.floats(r"first batch read in ([\d.]+)s", out)[0]
+        first_step = _common.floats(r"first step done at ([\d.]+)", out)[0]
+        loop = _common.floats(r"Loop started at ([\d.]+),", out)[0]
+        batch = _common.floats(r"\(first batch in ([\d.]+) s\)", out)[0]
         fetch = (_common.floats(r"\(fetch ([\d.]+)s", out) or [0.0])[0]
         load_s = (_common.floats(r"state load ([\d.]+)s\)", out) or [0.0])[0]
         parts = {"total": first_step - start, "ray+workers": loop - start, "fetch": fetch,

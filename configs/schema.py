@@ -286,6 +286,22 @@ class CheckpointSection:
                  "keep_best would do nothing)")
 
 
+TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoggingSection:
+    trackers: tuple[str, ...] = ("tensorboard",)
+    """Accelerate's trackers rank 0 logs scalars to every train.log_every steps (loss, LR,
+    gradient norm, throughput, step time, validation loss, checkpoint stall and upload):
+    tensorboard (event files in {run}/tensorboard/), or wandb, mlflow, ... when installed;
+    [] logs none."""
+
+    def __post_init__(self):
+        _require(isinstance(self.trackers, tuple) and all(t in TRACKERS for t in self.trackers),
+                 "logging.trackers", f"{list(self.trackers)!r}: each one of {', '.join(TRACKERS)}")
+
+
 @dataclass(frozen=True, kw_only=True)
 class Config:
     name: str = "test"
@@ -296,6 +312,7 @@ class Config:
     train: TrainSection = field(default_factory=TrainSection)
     scaling: ScalingSection = field(default_factory=ScalingSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
 
     def __post_init__(self):
         _safe_name(self.name, "name")

@@ -67,6 +67,39 @@ def init_ray(cfg: Config, verbose: bool = False) -> None:
         # seconds. Port 0: any free one, so two local jobs never collide.
         ray.init(num_cpus=cpus, runtime_env=runtime_env, include_dashboard=True,
                  dashboard_host="127.0.0.1", dashboard_port=0, log_to_driver=True, **quiet)
+    if not verbose:
+        _drop_ray_noise()
+
+
+# Lines Ray's processes print on every run that tell a user nothing they can act on (--verbose
+# keeps them): Ray Train's PreemptionWatcher actor trips a core-worker check about its
+# constructor arguments; Ray Data announces that its progress bars are off (we turn them off).
+NOISE = ("has constructor arguments in the object store and max_restarts > 0",
+         "Progress bars disabled. To enable, set")
+
+
+def _drop_ray_noise() -> None:
+    """Filter the worker log lines Ray forwards to this driver (its stdstream dispatcher: a
+    private API, so any change in it leaves Ray's own printing in place)."""
+    try:
+        from ray._private import worker as ray_worker
+
+        dispatcher = ray_worker.global_worker_stdstream_dispatcher
+        ignore_prefix = ray_worker._should_ignore_worker_log_prefix(ray_worker.global_worker)
+        print_to_stdstream = ray_worker.print_to_stdstream
+    except (ImportError, AttributeError):
+        return
+
+    def filtered(data):
+        if data.get("actor_name") == "PlacementGroupCleaner" and any(
+                "Found multiple active Ray instances" in line for line in data.get("lines", [])):
+            return  # its monitor thread dies when two Rays run on a machine; training is unaffected
+        lines = [line for line in data.get("lines", []) if not any(n in line for n in NOISE)]
+        if lines:
+            print_to_stdstream({**data, "lines": lines}, ignore_prefix=ignore_prefix)
+
+    dispatcher.remove_handler("ray_print_logs")
+    dispatcher.add_handler("ray_print_logs", filtered)
 
 
 def fit(cfg: Config, run: Location, storage: Location, plan: LaunchPlan, verbose: bool = False):

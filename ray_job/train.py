@@ -23,6 +23,13 @@ def prepare(argv: list[str] | None = None) -> tuple:
     args = parser().parse_args(argv)
     cfg = resolve_config(args)
     model_check.check_importable(cfg)
+    from trainers import tracking
+
+    absent = tracking.missing(cfg.logging.trackers)
+    if absent:
+        raise UserError(f"logging.trackers: {', '.join(absent)} not installed here (pip install "
+                        f"{' '.join(tracking.MODULES[t] for t in absent)}), or log without it: "
+                        "--set logging.trackers=[tensorboard]")
     try:
         storage = resolve(cfg.checkpoint.storage)
         data = resolve(cfg.data.path)

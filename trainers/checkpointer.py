@@ -189,6 +189,7 @@ class Checkpointer:
         # collectives line up; at most one staged copy waits while the previous one uploads.
         self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
         self.committer = Committer(plan) if rank == 0 else None
+        self.tracking = None  # the loop's trainers/tracking.Tracking, once it exists
         self.pending: list[tuple[str, object]] = []  # (name, future) saved, not yet committed
         self.saved: list[str] = []  # every name this attempt saved (rank 0 tells the driver)
         self.snapshots = snapshots.rank_folder(self.run.uri, plan.launch_id, rank)
@@ -342,7 +343,10 @@ class Checkpointer:
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder),
                          checkpoint_dir_name=str(name), checkpoint_upload_mode=mode,
                          delete_local_checkpoint_after_upload=False, checkpoint_upload_fn=registered)
-        self.say(f"⏱️  Training blocked {time.time() - started:.3f}s for {name} ({mode.value.lower()} upload)")
+        blocked = time.time() - started
+        self.say(f"⏱️  Training blocked {blocked:.3f}s for {name} ({mode.value.lower()} upload)")
+        if self.tracking is not None:
+            self.tracking.log({"checkpoint/stall_s": blocked}, state.step)
 
     def _bound_backlog(self, name: CheckpointName) -> None:
         """At most checkpoint.max_pending checkpoints saved but not committed: wait for the oldest."""
@@ -392,6 +396,7 @@ class Checkpointer:
         gather that each rank joins only after its own upload: metadata.json is written when
         every rank's shards are in storage (trainers/commit.py)."""
         dest = self.run.child(name)
+        started = time.time()
         try:
             write_s = pending.write()
             written = time.time()
@@ -414,6 +419,9 @@ class Checkpointer:
             dist.all_gather_object(reports, report, group=self.group)
         if self.committer is not None:
             self.committer.commit_and_retain(name, reports)
+            if self.tracking is not None:  # rank 0: the trackers' files travel with the checkpoint
+                self.tracking.log({"checkpoint/upload_s": time.time() - started}, CheckpointName.parse(name).step)
+                self.tracking.sync()
 
 
 def _tensors(tree):

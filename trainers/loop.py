@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 
 import numpy as np
@@ -20,7 +21,7 @@ from data.index import read_all
 from data.order import SampleOrder, shuffle_window
 from data.stream import DataOrderError, check_batch, tokens_of
 from storage.location import resolve
-from trainers import parallel, stopping
+from trainers import parallel, stopping, tracking
 from trainers.audit import Audit
 from trainers.checkpointer import Checkpointer, seed_rank
 from trainers.launch_plan import LaunchPlan
@@ -44,7 +45,12 @@ def train_loop(plan: LaunchPlan) -> None:
     if cfg.scaling.use_gpu:  # exact resume on GPU needs deterministic kernels (cuBLAS included)
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
-    strategy = parallel.make(cfg, world)  # train.strategy: ddp or fsdp (trainers/parallel.py)
+    # Ray Data's pipeline starts cold (seconds): it reads the first batch while the model is
+    # built and restored. The stream was built from the same checkpoint choice (trainers/source.py).
+    batches = _Stream(ray.train.get_dataset_shard("train"), cfg.train.global_batch_size // world)
+    run = resolve(plan.run_uri)
+    # train.strategy: ddp or fsdp (trainers/parallel.py); its Accelerator holds the trackers
+    strategy = parallel.make(cfg, world, tracking.project_dir(run, plan.launch_id))
     torch.manual_seed(cfg.train.seed)  # identical init on every rank (fsdp then keeps its shard)
     model, optimizer = strategy.build(build_model(cfg.model))  # model.factory: the GPT by default
     # Stepped by us, not prepared: Accelerate's scheduler wrapper steps once per process.
@@ -61,6 +67,10 @@ def train_loop(plan: LaunchPlan) -> None:
     if source is not None:
         state = checkpointer.restore(source)
     strategy.prepare()  # ddp: Accelerate wraps the restored model and optimizer
+    n_params = sum(p.numel() for p in model.parameters())  # local shards under fsdp: x world
+    tracker = checkpointer.tracking = tracking.Tracking(
+        cfg, strategy.accelerator, run, plan.launch_id, rank, state.step, world,
+        n_params * (world if strategy.sharded else 1))
     data = resolve(cfg.data.path)
     val_tokens = read_all(data.fs, data.child("val").path, plan.token_dtype)[1] if cfg.train.val_every else None
 
@@ -75,8 +85,6 @@ def train_loop(plan: LaunchPlan) -> None:
     if source is not None:
         say(f"🔄 Resuming training from step {state.step}, target: {max_steps}")
         say(f"🔄 Resuming epoch {state.epoch}: skipping {state.samples_in_epoch // G} batches")
-    shard = ray.train.get_dataset_shard("train")
-    batches = iter(shard.iter_batches(batch_size=per_rank, batch_format="numpy", prefetch_batches=2))
     audit = Audit(plan.audit_dir, rank)
     preemption = PreemptionWatch(cfg, say)
     progress_initial = state.step
@@ -89,12 +97,13 @@ def train_loop(plan: LaunchPlan) -> None:
     first_step_at = None
     while state.step < max_steps:
         fetch_started = time.time()
-        batch = next(batches, None)
+        batch = batches.next()
         if batch is None:
             raise DataOrderError(f"rank {rank}: the train stream ended before step {state.step + 1}")
         check_batch(batch, rank, state.epoch, state.samples_in_epoch + rank * per_rank, per_rank)
+        fetched = time.time()
         if state.step == progress_initial:
-            first_batch_s = time.time() - fetch_started
+            first_batch_s = fetched - fetch_started
         audit.trained(state, batch["id"])
         loss = strategy.step(tokens_of(batch, plan.token_dtype))
         lr = scheduler.get_last_lr()[0]
@@ -110,25 +119,31 @@ def train_loop(plan: LaunchPlan) -> None:
         summed = strategy.reduce(torch.stack([loss.detach().float(),
                                               torch.tensor(asked, device=loss.device)]), "sum")
         mean_loss, stop = (summed[0] / world).item(), summed[1].item() > 0
+        tracker.step(state.step, mean_loss, lr, parallel.grad_norm(strategy) if tracker.on else 0.0,
+                     fetched - fetch_started, time.time() - fetched)
         state.best_loss = min(state.best_loss, mean_loss)
         if state.step % cfg.train.log_every == 0:
             state.loss_history.append([state.step, mean_loss])
             state.lr_history.append([state.step, lr])
         if state.step == progress_initial + 1:
             first_step_at = time.time()
-            say(f"⏱️  First step done at {first_step_at:.3f} (first batch read in {first_batch_s:.3f}s; "
-                f"loop started at {loop_started:.3f})")
+            say(f"⏱️  First step after {first_step_at - loop_started:.1f} s on the worker (first batch in "
+                f"{first_batch_s:.1f} s)")
+            if plan.verbose:  # clock times, for benchmarks/bench_training.py's split of a job's start
+                say(f"⏱️  Loop started at {loop_started:.3f}, first step done at {first_step_at:.3f}")
             held = strategy.state_bytes()
             say(f"💽 Training state on rank 0 ({strategy.name}, {world} workers): params "
                 f"{held['params'] / 2**20:.2f} MB, grads {held['grads'] / 2**20:.2f} MB, AdamW "
                 f"{held['optimizer'] / 2**20:.2f} MB")
         bar.update(1)
-        bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", refresh=False)
+        speed = {"tok/s": f"{tracker.tokens_per_s:,.0f}"} if tracker.tokens_per_s else {}
+        bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", **speed, refresh=False)
 
         last = state.step == max_steps
         if cfg.train.val_every and (state.step % cfg.train.val_every == 0 or last):
             val_loss = _validate(strategy, val_tokens, cfg, rank, world)
             state.val_history.append([state.step, val_loss])
+            tracker.log({"val/loss": val_loss}, state.step)
             state.best_val_loss = min(state.best_val_loss, val_loss)
         notice = preemption.notice(state.step)
         if state.step % cfg.checkpoint.every == 0 or last or notice is not None or stop:  # stop: keep this step
@@ -146,12 +161,39 @@ def train_loop(plan: LaunchPlan) -> None:
     bar.close()
     checkpointer.drain(None)  # every checkpoint saved is committed before the attempt ends
     checkpointer.close()
+    tracker.end()
     trained = state.step - progress_initial
     if first_step_at is not None and trained > 1:
         rate = (trained - 1) / (time.time() - first_step_at)
-        say(f"⏱️  Loop started at {loop_started:.3f}; {trained - 1} steps after the first at {rate:.3f} steps/s")
+        say(f"⏱️  {trained - 1} steps after the first at {rate:.3f} steps/s")
     say(f"🏁 Training finished at step {state.step}, epoch {state.epoch}; "
         f"best loss {state.best_loss:.4f}; progress started at step {progress_initial}")
+
+
+class _Stream:
+    """This rank's batches; the first is fetched in a thread from the start, so Ray Data's cold
+    start overlaps building and restoring the model."""
+
+    def __init__(self, shard, per_rank: int):
+        self.batches = iter(shard.iter_batches(batch_size=per_rank, batch_format="numpy", prefetch_batches=2))
+        self.first: dict = {}
+        self.warmer = threading.Thread(target=self._first, name="first-batch", daemon=True)
+        self.warmer.start()
+
+    def _first(self) -> None:
+        try:
+            self.first["batch"] = next(self.batches, None)
+        except BaseException as e:  # raised in the loop, where the batch is wanted
+            self.first["error"] = e
+
+    def next(self):
+        if self.warmer is not None:
+            self.warmer.join()
+            self.warmer = None
+            if "error" in self.first:
+                raise self.first["error"]
+            return self.first.pop("batch")
+        return next(self.batches, None)
 
 
 def _stop(checkpointer, state, cfg: Config, say, rank: int) -> None:

@@ -39,11 +39,13 @@ class Replicated:
     name = "ddp"
     sharded = False
     grad_bytes = 0
+    grad_norm = 0.0
 
-    def __init__(self, cfg: Config, world: int):
+    def __init__(self, cfg: Config, world: int, project_dir: str | None = None):
         self.cfg, self.world = cfg, world
         self.accelerator = Accelerator(cpu=not cfg.scaling.use_gpu, mixed_precision=cfg.train.mixed_precision,
-                                       gradient_accumulation_steps=cfg.train.grad_accum_steps)
+                                       gradient_accumulation_steps=cfg.train.grad_accum_steps,
+                                       **_trackers(cfg, project_dir))
         self.device = self.accelerator.device
 
     def build(self, model: torch.nn.Module) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -67,8 +69,8 @@ class Replicated:
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     self.grad_bytes = sharded.local_bytes(p.grad for p in self.model.parameters())
-                    if self.cfg.optim.grad_clip > 0:
-                        accelerator.clip_grad_norm_(model.parameters(), self.cfg.optim.grad_clip)
+                    # the norm before clipping (max_norm inf scales by exactly 1: nothing changes)
+                    self.grad_norm = accelerator.clip_grad_norm_(model.parameters(), _max_norm(self.cfg))
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             total += loss.detach() / accum
@@ -90,11 +92,13 @@ class Sharded:
     name = "fsdp"
     sharded = True
     grad_bytes = 0
+    grad_norm = 0.0
 
-    def __init__(self, cfg: Config, world: int):
+    def __init__(self, cfg: Config, world: int, project_dir: str | None = None):
         self.cfg, self.world = cfg, world
-        # Only for the device Ray Train assigned; nothing is prepared through it.
-        self.device = Accelerator(cpu=not cfg.scaling.use_gpu).device
+        # For the device Ray Train assigned and the trackers; nothing is prepared through it.
+        self.accelerator = Accelerator(cpu=not cfg.scaling.use_gpu, **_trackers(cfg, project_dir))
+        self.device = self.accelerator.device
 
     def build(self, model: torch.nn.Module) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
         model.to(self.device)
@@ -117,8 +121,8 @@ class Sharded:
             (loss / accum).backward()
             total += loss.detach() / accum
         self.grad_bytes = sharded.local_bytes(p.grad for p in model.parameters())
-        if self.cfg.optim.grad_clip > 0:  # the global norm over every shard (a DTensor all-reduce)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), self.cfg.optim.grad_clip)
+        # the global norm over every shard (a DTensor all-reduce), before clipping
+        self.grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), _max_norm(self.cfg))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return total
@@ -138,8 +142,27 @@ class Sharded:
 STRATEGIES = {"ddp": Replicated, "fsdp": Sharded}
 
 
-def make(cfg: Config, world: int):
-    return STRATEGIES[cfg.train.strategy](cfg, world)
+def make(cfg: Config, world: int, project_dir: str | None = None):
+    """The strategy; project_dir: where Accelerate's trackers write (trainers/tracking.py)."""
+    return STRATEGIES[cfg.train.strategy](cfg, world, project_dir)
+
+
+def _trackers(cfg: Config, project_dir: str | None) -> dict:
+    if not cfg.logging.trackers:
+        return {}
+    return {"log_with": list(cfg.logging.trackers), "project_dir": project_dir}
+
+
+def _max_norm(cfg: Config) -> float:
+    return cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+
+
+def grad_norm(strategy) -> float:
+    """The last step's gradient norm before clipping, as a float (a DTensor's is gathered)."""
+    norm = strategy.grad_norm
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    return float(norm)
 
 
 def _state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer, grad_bytes: int) -> dict[str, int]:

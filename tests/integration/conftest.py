@@ -92,6 +92,26 @@ def read_json(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
+def scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    """{tag: [(step, value)]} as TensorBoard shows a run's event files (its own reader: files
+    in order, each attempt's purge step hiding what earlier files logged past it)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def assert_curves_match(folder: Path, losses: list, last: int) -> None:
+    """Loss, LR and throughput at steps 1..last once each, the loss the run's own history."""
+    import numpy as np
+
+    curves = scalars(folder)
+    for tag in ("train/loss", "train/lr", "train/grad_norm", "perf/tokens_per_s"):
+        assert [s for s, _ in curves[tag]] == list(range(1, last + 1)), (tag, curves[tag])
+    assert [v for _, v in curves["train/loss"]] == [float(np.float32(v)) for _, v in losses]
+
+
 def audit(folder: Path) -> list[dict]:
     records = []
     for f in sorted(folder.glob("rank*.jsonl")):

@@ -36,6 +36,9 @@ CASES = {
     "yaml name ../escaped": (["{yaml:named.yaml}"], "name: '../escaped'"),
     "yaml file .hidden.yaml": (["{yaml:.hidden.yaml}"], "name: '.hidden' must not start with '.'"),
     # --- config ranges ------------------------------------------------------------------------
+    "tracker not installed": (["--set", "logging.trackers=[tensorboard,wandb]"],
+                              "logging.trackers: wandb not installed here (pip install wandb)"),
+    "tracker unknown": (["--set", "logging.trackers=[tensorbored]"], "logging.trackers: ['tensorbored']"),
     "lr=inf": (["--set", "optim.lr=inf"], "optim.lr: must be a positive number, got inf"),
     "lr=nan": (["--set", "optim.lr=nan"], "optim.lr: must be a positive number, got nan"),
     "lr=0": (["--set", "optim.lr=0"], "optim.lr:"),

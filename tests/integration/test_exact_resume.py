@@ -64,3 +64,18 @@ def test_weights_actually_moved(runs):
     assert any(not torch.equal(a[k], b[k]) for k in a)
     losses = [v for _, v in read_json(runs.ckpt("straight", FINAL) / "training_metrics.json")["loss_history"]]
     assert losses[-1] < losses[0]
+
+
+def test_tensorboard_curves_continue_across_the_resumes(runs):
+    """One event file per segment in {run}/tensorboard/; read as TensorBoard reads them, loss, LR,
+    gradient norm and throughput are at steps 1..40 once each, the loss the straight run's."""
+    from conftest import assert_curves_match, scalars
+
+    folder = runs.storage / "chain" / "tensorboard"
+    assert len(list(folder.glob("events.out.tfevents.*"))) == 3
+    straight = read_json(runs.ckpt("straight", FINAL) / "training_metrics.json")
+    assert_curves_match(folder, straight["loss_history"], 40)
+    curves = scalars(folder)
+    assert [s for s, _ in curves["val/loss"]] == [s for s, _ in straight["val_history"]]
+    assert [s for s, _ in curves["checkpoint/stall_s"]] == [8, 10, 16, 24, 32, 40]
+    assert all(v > 0 for _, v in curves["perf/tokens_per_s"])

@@ -9,7 +9,7 @@ import time
 
 import pytest
 import torch
-from conftest import audit, read_json
+from conftest import assert_curves_match, audit, read_json
 from safetensors.torch import load_file
 
 from ray_job import launcher
@@ -74,6 +74,9 @@ def test_killed_worker_recovers_from_latest_checkpoint_exactly(strategy, request
     straight = read_json(ref.ckpt(straight_run, final) / "training_metrics.json")
     ours = read_json(ref.ckpt(run_name, final) / "training_metrics.json")
     assert ours["loss_history"] == straight["loss_history"]
+    # the steps re-trained after the restart show once in TensorBoard, with the straight losses
+    last = int(final.split("step")[1].split("-")[0])
+    assert_curves_match(ref.storage / run_name / "tensorboard", straight["loss_history"], last)
 
     counted = _last_per_step(records)
     epoch0 = sorted(i for (s, _), r in counted.items() if r["epoch"] == 0 for i in r["ids"])

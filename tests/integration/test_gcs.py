@@ -148,6 +148,17 @@ def test_transient_faults_are_retried_and_resume_stays_exact(runs, gcs, ray_addr
     assert 16 in expected and 40 in expected  # resumed from, and the latest
     assert "🧹 Retention deleted" in second.out
     _assert_same_as_straight(gcs, runs, "faulty", "f")
+    # the TensorBoard event files travelled with the checkpoints: one curve across the resume
+    from conftest import assert_curves_match
+
+    local = runs.storage.parent / "faulty-tensorboard"
+    blobs = list(gcs.client().list_blobs("ckpts", prefix="faulty/f/tensorboard/"))
+    assert len(blobs) == 2, [b.name for b in blobs]  # one event file per launch
+    for blob in blobs:
+        local.mkdir(exist_ok=True)
+        blob.download_to_filename(str(local / blob.name.rsplit("/", 1)[1]))
+    straight = read_json(runs.ckpt("straight", FINAL) / "training_metrics.json")
+    assert_curves_match(local, straight["loss_history"], 40)
 
 
 def _timed(args, env_extra, tmp_path):
