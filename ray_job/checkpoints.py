@@ -141,6 +141,10 @@ def cmd_plot(args) -> int:
     newest = run.child(complete[-1]["name"])
     with newest.fs.open_input_stream(join(newest.path, METRICS)) as f:
         metrics = json.loads(f.read())
+    if args.source == "tensorboard":  # the same curves, from the run's event files (every step)
+        curves = _tensorboard_scalars(run)
+        metrics.update({"loss_history": curves.get("train/loss", []), "lr_history": curves.get("train/lr", []),
+                        "val_history": curves.get("val/loss", [])})
     fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(10, 7), sharex=True,
                                          gridspec_kw={"height_ratios": [3, 1.4]})
     loss = metrics.get("loss_history", [])
@@ -171,6 +175,28 @@ def cmd_plot(args) -> int:
     fig.savefig(out, dpi=120)
     print(f"Wrote {os.path.abspath(out)}")
     return 0
+
+
+def _tensorboard_scalars(run) -> dict[str, list[list[float]]]:
+    """{tag: [[step, value]]} from {run}/tensorboard/, read as TensorBoard reads it (a resume's
+    purge step hides what an earlier attempt logged past it); gs:// objects are downloaded."""
+    import tempfile
+
+    import pyarrow.fs as pafs
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    folder = run.child("tensorboard")
+    with tempfile.TemporaryDirectory(prefix="tensorboard-") as scratch:
+        local = folder.path
+        if not folder.is_local:
+            pafs.copy_files(folder.path, scratch, source_filesystem=folder.fs,
+                            destination_filesystem=pafs.LocalFileSystem())
+            local = scratch
+        if not os.path.isdir(local) or not os.listdir(local):
+            raise UserError(f"plot --from tensorboard: no event files in {folder.uri}")
+        acc = EventAccumulator(local, size_guidance={"scalars": 0})
+        acc.Reload()
+        return {tag: [[e.step, e.value] for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
 def cmd_export(args) -> int:
@@ -267,6 +293,9 @@ def main(argv: list[str] | None = None) -> int:
             s.add_argument("--json", action="store_true")
         if name == "plot":
             s.add_argument("--out", help="PNG file to write (default RUN-curves.png)")
+            s.add_argument("--from", dest="source", choices=("checkpoint", "tensorboard"), default="checkpoint",
+                           help="the newest checkpoint's training_metrics.json (default), or the run's "
+                                "TensorBoard event files")
     args = p.parse_args(argv)
     try:
         return {"list": cmd_list, "show": cmd_show, "plot": cmd_plot, "export": cmd_export}[args.command](args)

@@ -97,6 +97,11 @@ def test_list_show_and_plot_on_gcs(gcs_runs, gcs, tmp_path):
     plotted = _tool(gcs, "plot", "--storage", "gs://ckpts/runs", "--run-name", "g", "--out", out)
     assert plotted.rc == 0, plotted.out
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 20_000
+    from_events = tmp_path / "from-tensorboard.png"  # the same curves from the run's event files
+    plotted = _tool(gcs, "plot", "--storage", "gs://ckpts/runs", "--run-name", "g", "--from", "tensorboard",
+                    "--out", from_events)
+    assert plotted.rc == 0, plotted.out
+    assert from_events.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and from_events.stat().st_size > 20_000
 
 
 def test_corrupt_object_refused_listed_and_skipped(gcs_runs, gcs, runs):
