@@ -17,7 +17,8 @@ FOLDERS = {"${REPO}": "~/ray-train-resume", "$HOME/ray-train-resume": "~/ray-tra
 MAY_DIFFER = {"--node-ip-address", "--port", "--object-manager-port", "--dashboard-port",
               "--ray-client-server-port", "--dashboard-agent-listen-port", "--temp-dir",
               "--num-cpus"}
-LOCAL_ONLY_ENV = {"AUTOSCALER_METRIC_PORT", "DASHBOARD_METRIC_PORT"}  # ports
+# ports, and how soon a lost node is restarted (one host: no network to ride out)
+LOCAL_ONLY_ENV = {"AUTOSCALER_METRIC_PORT", "DASHBOARD_METRIC_PORT", "AUTOSCALER_HEARTBEAT_TIMEOUT_S"}
 
 
 def load(name: str) -> dict:
