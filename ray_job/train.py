@@ -114,6 +114,10 @@ def main(argv: list[str] | None = None) -> int:
             result = stop.run(lambda: launch.fit(cfg, run, storage, plan, verbose=plan.verbose))
         except Exception as e:  # Ray wraps worker errors; the traceback is in the log above
             print(f"❌ Training failed: {type(e).__name__}: {e}", file=sys.stderr)
+            left = _incomplete(plan.launch_id, run)
+            if left:  # a lost writer (a killed worker or node) takes its unfinished uploads along
+                print(f"❌ Saved and not committed, so incomplete and never resumed: {', '.join(left)}",
+                      file=sys.stderr)
             return 1
         if stop.asked:
             newest = _newest(run)
@@ -153,6 +157,14 @@ def _newest(run):
     from storage import listing
 
     return next((e for e in reversed(listing.scan(run)) if e.result.ok), None)
+
+
+def _incomplete(launch_id: str, run) -> list[str]:
+    """The checkpoints this launch's rank 0 saved that are not whole in storage."""
+    from storage import manifest
+    from trainers import stopping
+
+    return [n for n in stopping.saved(launch_id) if not manifest.check(run.child(n)).ok]
 
 
 def _stopped_at_once(launch_id: str, run) -> None:

@@ -167,3 +167,22 @@ def test_a_lost_lease_stops_the_launch_with_exit_1(launch, capsys, monkeypatch):
     assert "another launch took it over (host h, pid 1" in lines[0]
     assert lines[0].endswith("stopping this launch so that the run has one writer")
     assert Holder.parse((run / LEASE).read_bytes()).launch_id == "thief"  # theirs: kept
+
+
+def test_a_failed_run_names_the_saved_checkpoints_it_leaves_incomplete(launch, capsys, monkeypatch):
+    """A writer lost with the run (a killed worker or node) takes its unfinished uploads along:
+    the failure says which saved checkpoints stay incomplete."""
+    from trainers import stopping
+
+    fake, run = launch
+    monkeypatch.setattr(stopping, "saved", lambda launch_id: ["checkpoint-epoch0-step4-files1"])
+
+    def fit(*a, **kw):
+        raise RuntimeError("a worker died")
+
+    fake.fit = fit
+    assert train.main([]) == 1
+    assert _err_lines(capsys) == ["❌ Training failed: RuntimeError: a worker died",
+                                  "❌ Saved and not committed, so incomplete and never resumed: "
+                                  "checkpoint-epoch0-step4-files1"]
+    assert not (run / LEASE).exists()
