@@ -62,7 +62,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
-    steps = 12 if args.quick else 60
+    steps = 6 if args.quick else 60
     sets = list(SETS)
     root = Path(tempfile.mkdtemp(prefix="bench-train-"))
     data = _common.make_corpus(root / "data", files=4 if args.quick else 16, rows=400 if args.quick else 2000,

@@ -45,9 +45,9 @@ def _raylet(dir: Path) -> int:
     return pid
 
 
-def test_ray_up_submit_resume_lose_a_node_and_down(runs):
+def test_ray_up_submit_resume_lose_a_node_and_down(runs, tmp_path):
     dir = Path(tempfile.mkdtemp(prefix="rtrl-", dir="/tmp"))  # short: Ray's socket paths
-    storage = Path(tempfile.mkdtemp(prefix="rtrl-runs-"))
+    storage = tmp_path / "ckpt"
     try:
         up = _local_sh("up", dir)
         assert up.returncode == 0, up.stdout + up.stderr
