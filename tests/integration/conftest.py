@@ -7,9 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,36 +49,12 @@ def ray_cluster(tmp_path_factory):
     stop_ray_under(temp)
 
 
-def _pids() -> list[int]:
-    return [int(e) for e in os.listdir("/proc") if e.isdigit() and int(e) != os.getpid()]
-
-
-def _uses(pid: int, temp: str) -> bool:
-    """Whether a process belongs to the cluster under temp: named in its command line, or (for
-    Ray's agents and workers, whose titles are rewritten) holding a file open under it."""
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            if temp.encode() in f.read():
-                return True
-        for fd in os.listdir(f"/proc/{pid}/fd"):
-            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith(temp):
-                return True
-    except OSError:
-        pass
-    return False
-
-
 def stop_ray_under(temp: Path) -> None:
     """Stop the Ray processes of the cluster whose files are under temp, and only those:
     `ray stop --force` would also kill any other Ray on the machine (another test session's)."""
-    mine = [pid for pid in _pids() if _uses(pid, str(temp))]
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in mine:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        time.sleep(2)
+    from clusters import local
+
+    local.stop(local.processes([str(temp)]))
 
 
 @pytest.fixture(scope="session")
