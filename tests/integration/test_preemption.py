@@ -15,7 +15,7 @@ from conftest import audit, read_json
 from ray_job import launcher
 from ray_job.launcher import BIN
 
-STEPS = 120  # the drain (a `ray` command, seconds) arrives mid-run; training holds once it has
+STEPS = 300  # long enough for the drain (a `ray` command, seconds) to arrive mid-run (120 was not)
 
 
 def _node_with(resource: str, address: str) -> str:
