@@ -7,20 +7,26 @@ on loopback (fake-gcs-server), a model whose checkpoint is ~150 MB (weights + Ad
    ~4%: 148.8 s -> 6.3 s at 7B). bench_sharded.py measures the same for ddp and fsdp at W=2.
 2. Whole-run overhead of checkpointing every N steps against none, measured, and projected to
    the production config's frequency (every 1000 steps). Target: <= 3.5% (CheckFreq).
-3. Backpressure (not in --quick): a checkpoint every step, faster than they upload: the most
+3. Backpressure (not in --quick): a checkpoint every step, to a GCS server slowed to 0.3 s a
+   request (tests/integration/faultproxy.py), so saves come faster than uploads: the most
    checkpoints saved and not yet committed (<= checkpoint.max_pending, 2), how many saves
    waited, and the loop's stall per checkpoint with the waits, against async every N.
 4. A graceful stop (not in --quick): Ctrl-C in the middle of that run: seconds from the stop
    to every saved checkpoint committed, and how many were pending at the stop.
 
-    python benchmarks/bench_checkpoint.py [--quick]
+    python benchmarks/bench_checkpoint.py [--quick] [--only-backlog]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
+import signal
 import statistics
+import sys
+import time
+from pathlib import Path
 
 import _common
 
@@ -28,9 +34,17 @@ import _common
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--only-backlog", type=float, metavar="ASYNC_STALL_S",
+                    help="parts 3 and 4 only, against a known async stall per checkpoint")
     args = ap.parse_args()
     steps, every, sets = _common.checkpoint_workload("ckpt", args.quick)
     gcs = _common.GcsServer()
+    if args.only_backlog:  # parts 3 and 4, against part 1's figure from RESULTS.md
+        try:
+            backlog_and_stop(steps, sets, gcs.url, args.only_backlog)
+        finally:
+            gcs.stop()
+        return
     try:
         results = {}
         modes = (("sync", every), ("async", every)) + ((("none", 10_000),) if not args.quick else ())
@@ -81,10 +95,14 @@ def report(results: dict, steps: int, every: int) -> None:
 
 
 def backlog_and_stop(steps: int, sets: list, gcs_url: str, async_stall: float) -> None:
-    import re
-    import signal
-    import time
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "integration"))
+    from faultproxy import FaultProxy
 
+    with FaultProxy(gcs_url, schedule=("slow",), max_faults=1_000_000, slow_s=0.3) as proxy:
+        _backlog_and_stop(steps, sets, proxy.url, async_stall)
+
+
+def _backlog_and_stop(steps: int, sets: list, gcs_url: str, async_stall: float) -> None:
     from ray_job import launcher
 
     cmd = ["--config", "test", "--num-workers", 1, "--storage", "gs://bench/backlog", "--run-name", "r",
@@ -101,8 +119,8 @@ def backlog_and_stop(steps: int, sets: list, gcs_url: str, async_stall: float) -
           f"{len(waits)} saves waited for an upload; stall per checkpoint {stall:.3f}s "
           f"({stall / async_stall:.1f}x async every N's {async_stall:.3f}s)")
 
-    job = launcher.start(cmd[:5] + ["backlog-stop"] + cmd[6:], ray_address=os.environ.get("BENCH_RAY_ADDRESS"),
-                         emulator=gcs_url)
+    stopped_run = [a if a != "r" else "stopped" for a in cmd]  # another run name, same storage
+    job = launcher.start(stopped_run, ray_address=os.environ.get("BENCH_RAY_ADDRESS"), emulator=gcs_url)
     out, saved = [], 0
     for line in job.stdout:
         out.append(line)
