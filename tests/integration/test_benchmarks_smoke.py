@@ -12,8 +12,8 @@ from ray_job.launcher import REPO
 
 SCRIPTS = {
     "bench_resume_skip.py": ["skip_first_batches@90% / ours@90%:", "ours@90% / ours@0%:"],
-    "bench_training.py": ["ratio", "resume / fresh:"],
-    "bench_checkpoint.py": ["async/sync", "projected at the production frequency"],
+    "bench_training.py": ["ratio", "job start -> first step"],  # --quick: no resumed job
+    "bench_checkpoint.py": ["async/sync"],  # --quick: part 1 only
     "bench_sharded.py": ["max per rank / state", "fsdp / ddp", "async stall / sync save"],
     "bench_gpu.py": ["tokens/s" if torch.cuda.is_available() else "skipped: no CUDA GPU"],
     "bench_ingest.py": ["successor share window", "rows decoded but not trained",
