@@ -159,25 +159,25 @@ def _newest(run):
     return next((e for e in reversed(listing.scan(run)) if e.result.ok), None)
 
 
-def _incomplete(launch_id: str, run) -> list[str]:
-    """The checkpoints this launch's rank 0 saved that are not whole in storage."""
+def _incomplete(launch_id: str, run, saved: list[str] | None = None) -> list[str]:
+    """The checkpoints this launch's rank 0 saved (saved: as read before) not whole in storage."""
     from storage import manifest
     from trainers import stopping
 
-    return [n for n in stopping.saved(launch_id) if not manifest.check(run.child(n)).ok]
+    names = stopping.saved(launch_id) if saved is None else saved
+    return [n for n in names if not manifest.check(run.child(n)).ok]
 
 
 def _stopped_at_once(launch_id: str, run) -> None:
     """A second Ctrl-C (or a lost lease): say which saved checkpoints stay incomplete."""
-    from storage import manifest
     from trainers import stopping
 
-    saved = stopping.saved(launch_id)
+    saved = stopping.saved(launch_id)  # read while Ray is up
     if "ray" in sys.modules:  # stop the workers now: nothing more reaches storage
         import ray
 
         ray.shutdown()
-    incomplete = [n for n in saved if not manifest.check(run.child(n)).ok]
+    incomplete = _incomplete(launch_id, run, saved)
     newest = _newest(run)
     print("🛑 Stopped at once: " + (f"{', '.join(incomplete)} were saved and not committed: they "
           "stay incomplete and are never resumed; " if incomplete else "every saved checkpoint was "

@@ -119,7 +119,7 @@ def train_loop(plan: LaunchPlan) -> None:
         summed = strategy.reduce(torch.stack([loss.detach().float(),
                                               torch.tensor(asked, device=loss.device)]), "sum")
         mean_loss, stop = (summed[0] / world).item(), summed[1].item() > 0
-        tracker.step(state.step, mean_loss, lr, parallel.grad_norm(strategy) if tracker.on else 0.0,
+        tracker.step(state.step, mean_loss, lr, lambda: parallel.grad_norm(strategy),
                      fetched - fetch_started, time.time() - fetched)
         state.best_loss = min(state.best_loss, mean_loss)
         if state.step % cfg.train.log_every == 0:

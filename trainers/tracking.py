@@ -75,7 +75,8 @@ class Tracking:
     def __init__(self, cfg: Config, accelerator, run: Location, launch_id: str, rank: int,
                  start_step: int, world: int, n_params: int):
         self.cfg, self.accelerator, self.run = cfg, accelerator, run
-        self.on = rank == 0 and bool(cfg.logging.trackers)
+        self.rank0 = rank == 0
+        self.on = self.rank0 and bool(cfg.logging.trackers)
         self.local = project_dir(run, launch_id)
         self.tokens_per_step = cfg.train.global_batch_size * cfg.model.seq_len
         self.world = world
@@ -91,8 +92,11 @@ class Tracking:
         kwargs = {"tensorboard": {"purge_step": start_step + 1, "flush_secs": 10}}
         self.accelerator.init_trackers(FOLDER, init_kwargs=kwargs)
 
-    def step(self, step: int, loss: float, lr: float, grad_norm: float, wait_s: float, compute_s: float) -> None:
-        """Every step (cheap): accumulate; every train.log_every steps: log."""
+    def step(self, step: int, loss: float, lr: float, grad_norm, wait_s: float, compute_s: float) -> None:
+        """Every step (cheap): accumulate; every train.log_every steps: log. grad_norm is a
+        callable, read only when logging (a device sync on GPU)."""
+        if not self.rank0:  # the progress bar's tokens/s is rank 0's too
+            return
         self._steps += 1
         self._wait += wait_s
         self._compute += compute_s
@@ -101,7 +105,7 @@ class Tracking:
         now = time.perf_counter()
         per_s = self._steps / max(now - self._since, 1e-9)
         self.tokens_per_s = per_s * self.tokens_per_step
-        values = {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
+        values = {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm(),
                   "perf/tokens_per_s": self.tokens_per_s,
                   "perf/samples_per_s": per_s * self.cfg.train.global_batch_size,
                   "perf/data_wait_s": self._wait / self._steps, "perf/compute_s": self._compute / self._steps}
