@@ -100,7 +100,9 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         from ray_job import launch
 
-        print(f"🚀 Run '{cfg.run_name}': checkpoints in {run.uri}, {cfg.scaling.num_workers} workers, "
+        workers = (f"{cfg.scaling.min_workers}..{cfg.scaling.num_workers} workers (elastic)" if cfg.scaling.elastic
+                   else f"{cfg.scaling.num_workers} workers")
+        print(f"🚀 Run '{cfg.run_name}': checkpoints in {run.uri}, {workers}, "
               f"max_steps {cfg.train.max_steps}")
         try:
             launch.init_ray(cfg, verbose=plan.verbose)
