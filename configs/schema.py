@@ -218,6 +218,10 @@ class ScalingSection:
     batch and the sample order stay the same at every size, so every size in the range must
     divide train.global_batch_size / train.grad_accum_steps. A lost node is a restart Ray does
     without limit unless checkpoint.max_failures is set. 0: num_workers (a fixed size)."""
+    restart_wait_s: float = 20.0
+    """Elastic only: how long a (re)start waits for the workers Ray chose to place before it
+    chooses again (Ray's RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S, 60 s by default): a node just
+    lost still counts as capacity for a while, and the first choice after a loss waits for it."""
     resize_check_s: float = 60.0
     """Elastic only: how often a running group checks for room to grow (Ray's
     elastic_resize_monitor_interval_s). Growing saves and commits the step in progress first."""
@@ -246,6 +250,8 @@ class ScalingSection:
                  f"must be in 0..scaling.num_workers ({self.num_workers}); 0 means a fixed size, got "
                  f"{self.min_workers}")
         _require(_finite(self.resize_check_s) and self.resize_check_s > 0, "scaling.resize_check_s",
+                 "must be positive")
+        _require(_finite(self.restart_wait_s) and self.restart_wait_s > 0, "scaling.restart_wait_s",
                  "must be positive")
         _require(_finite(self.data_cpus) and self.data_cpus >= 1.5, "scaling.data_cpus",
                  "must be at least 1.5 (one read task and the reorder)")

@@ -104,6 +104,8 @@ def _drop_ray_noise() -> None:
 
 
 def fit(cfg: Config, run: Location, storage: Location, plan: LaunchPlan, verbose: bool = False):
+    if cfg.scaling.elastic:  # Ray Train hands this variable on to its controller
+        os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", f"{cfg.scaling.restart_wait_s:g}")
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=plan,
