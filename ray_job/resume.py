@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from configs.schema import Config
+from ray_job import vet
 from ray_job.errors import UserError
 from storage.listing import Entry, latest_complete, scan
 from storage.location import Location, StorageUnreachable, probe, resolve
@@ -59,27 +60,8 @@ def resolve_resume(arg: str, run: Location) -> ResumeChoice:
             f"--resume {arg}: checkpoint {entry.loc.uri} is {result.status.value} ({result.reason}) and "
             f"cannot be resumed; pick a complete one (--resume latest skips incomplete ones)"
         )
-    if result.metadata.get("strategy") == "fsdp":
-        _vet_sharded(arg, entry.loc, result.metadata)
+    vet.checkpoint(arg, entry.loc, result.metadata)  # a hostile one: refused before Ray starts
     return ResumeChoice(name=str(entry.name), loc=entry.loc, metadata=result.metadata)
-
-
-def _vet_sharded(arg: str, loc: Location, metadata: dict) -> None:
-    """A sharded checkpoint's DCP index and non-tensor items, checked here (hashes already
-    verified) so that a hostile one is refused before Ray starts: nothing of it runs."""
-    from storage.location import join
-    from trainers import sharded
-
-    def read(rel: str, offset: int, length: int) -> bytes:
-        with loc.fs.open_input_file(join(loc.path, rel)) as f:
-            return f.read_at(length, offset)
-
-    try:
-        with loc.fs.open_input_stream(join(loc.path, sharded.DCP_METADATA)) as f:
-            sharded.vet(f, set(metadata["files"]), read)
-    except sharded.UnsafeCheckpoint as e:
-        raise UserError(f"--resume {arg}: checkpoint {loc.uri} is refused ({e}); nothing of it was "
-                        "run. Resume from a checkpoint this service wrote") from None
 
 
 def _checkpoint_folder(arg: str) -> Location:

@@ -84,3 +84,103 @@ def test_the_same_files_not_poisoned_load(tmp_path):
     checkpointer.load_model_and_optimizer(model, optimizer, False, str(folder), meta)
     checkpointer._restore_rng(os.path.join(folder, manifest.rng_file(0)))
     assert optimizer.state_dict()["state"][0]["step"] == 1
+
+
+# --- refused on the driver, before Ray (issue 23 item 9) ----------------------------------------
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """Byte-token data like the test preset's corpus: 6 train files x 64 samples of 65 tokens,
+    and a val file (written here: the real preparation starts Ray Data)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    data = tmp_path_factory.mktemp("corpus") / "data"
+    for split, files, rows in (("train", 6, 64), ("val", 1, 32)):
+        (data / split).mkdir(parents=True)
+        for i in range(files):
+            ids = range(i * rows, (i + 1) * rows)
+            pq.write_table(pa.table({"id": pa.array(ids, pa.int64()),
+                                     "tokens": pa.array([bytes([n % 256]) * 65 for n in ids], pa.binary())}),
+                           data / split / f"part-{i:05d}.parquet")
+    return data
+
+
+def launch_checkpoint(run_dir, data, step: int, samples_in_epoch: int, sets=(), poison=None) -> str:
+    """A ddp checkpoint of the test preset (--set sets) as a launch writes it (trainers/commit.py's
+    metadata over its files), resumable by ray_job.train.prepare; poison: {file: bytes} written
+    over it before the manifest is signed. Returns its folder."""
+    from configs import load, parse_set, with_overrides
+    from data.index import build_index
+    from data.order import SampleOrder, shuffle_window
+    from storage.names import CheckpointName
+    from trainers.commit import checkpoint_metadata
+    from trainers.launch_plan import LaunchPlan
+
+    cfg = with_overrides(load("test"), parse_set([f"data.path={data}", *sets]))
+    index = build_index(resolve(str(data)).fs, str(data))
+    G = cfg.train.global_batch_size
+    order = SampleOrder.make(index, cfg.data.shuffle_seed, 0, G, shuffle_window(cfg))
+    name = str(CheckpointName(epoch=0, step=step, files=order.files_done(samples_in_epoch)))
+    folder = os.path.join(str(run_dir), name)
+    os.makedirs(folder)
+    _, optimizer = _model_and_optimizer()
+    files = {manifest.OPTIMIZER: _bytes(optimizer.state_dict()), manifest.SCHEDULER: _bytes({"last_epoch": step}),
+             manifest.METRICS: b'{"loss_history": [], "lr_history": [], "val_history": []}',
+             **{manifest.rng_file(r): checkpointer._capture_rng() for r in range(cfg.scaling.num_workers)},
+             **(poison or {})}
+    save_file(_model_and_optimizer()[0].state_dict(), os.path.join(folder, manifest.MODEL))
+    for rel, blob in files.items():
+        with open(os.path.join(folder, rel), "wb") as f:
+            f.write(blob)
+    plan = LaunchPlan(config=cfg, launch_id="0" * 32, run_uri=str(run_dir), data_index=index)
+    progress = {"name": name, "step": step, "epoch": 0, "samples_in_epoch": samples_in_epoch,
+                "files_processed": order.files_done(samples_in_epoch), "best_loss": 2.5, "best_val_loss": None}
+    meta = checkpoint_metadata(plan, progress, cfg.scaling.num_workers, {}, None)
+    manifest.write_metadata(folder, {k: v for k, v in meta.items() if k not in ("files", "format_version")})
+    assert manifest.check(resolve(folder), verify_hashes=True).ok  # hashes alone would pass it
+    return folder
+
+
+def _tree(root) -> dict:
+    return {os.path.join(d, f): os.stat(os.path.join(d, f)).st_mtime_ns
+            for d, _, names in os.walk(root) for f in names} | {d: "dir" for d, _, _ in os.walk(root)}
+
+
+@pytest.mark.parametrize("poisoned", [manifest.OPTIMIZER, manifest.SCHEDULER, manifest.rng_file(1)])
+def test_a_poisoned_ddp_file_is_refused_before_ray_exit_2_one_line_nothing_written(
+        tmp_path, corpus, poisoned, monkeypatch, capsys):
+    """Through ray_job.train.main with a stand-in for Ray's launch (it records a start): the
+    refusal comes before any of Ray, in one line, and nothing is written anywhere."""
+    import sys
+    import types
+
+    import ray_job
+    from ray_job import train
+
+    marker = tmp_path / "the-command-ran"
+    payload = _bytes({"state": {}, "param_groups": RunsACommand(str(marker))})
+    folder = launch_checkpoint(tmp_path / "elsewhere" / "old", corpus, 8, 128, poison={poisoned: payload})
+    started = []
+    fake = types.ModuleType("ray_job.launch")
+    fake.init_ray = lambda cfg, **kw: started.append("ray")
+    monkeypatch.setitem(sys.modules, "ray_job.launch", fake)
+    monkeypatch.setattr(ray_job, "launch", fake, raising=False)
+    before = _tree(tmp_path)
+    code = train.main(["--config", "test", "--storage", str(tmp_path / "runs"), "--run-name", "fork",
+                       "--set", f"data.path={corpus}", "--resume", folder, "--max-steps", "20"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and not started, (code, err)
+    assert len(err) == 1 and err[0].startswith(f"error: --resume {folder}: checkpoint {folder} is refused"), err
+    assert f"{poisoned} does not load as plain data" in err[0] and "posix.system" in err[0], err
+    assert "nothing of it was run" in err[0]
+    assert _tree(tmp_path) == before and not marker.exists()
+
+
+def test_a_clean_ddp_checkpoint_passes_the_driver_checks(tmp_path, corpus):
+    from ray_job import train
+
+    folder = launch_checkpoint(tmp_path / "elsewhere" / "old", corpus, 8, 128)
+    _, _, _, plan = train.prepare(["--config", "test", "--storage", str(tmp_path / "runs"), "--run-name", "fork",
+                                   "--set", f"data.path={corpus}", "--resume", folder, "--max-steps", "20"])
+    assert plan.resume.step == 8 and plan.resume.samples_in_epoch == 128
