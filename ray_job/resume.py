@@ -151,6 +151,30 @@ def check_same_order(choice: ResumeChoice, cfg: Config, token_dtype: str) -> str
     return f"⚠️  {choice.name} is at an epoch boundary: the sample order changes from here ({what})"
 
 
+def check_window_kept(choice: ResumeChoice, total_rows: int, new_batch: int) -> None:
+    """Another global batch mid-epoch (--allow-new-global-batch) only where the window in progress
+    is cut alike under both sizes: the epoch's last window ends at (N // G) * G and is shuffled by
+    a permutation of its length (data/order.py), so a resume inside it with another G would train
+    some of its samples twice and others never. Windows before the last are the same under any G."""
+    from data.order import window_in_progress
+
+    meta = choice.metadata
+    old_batch, cursor = meta["global_batch_size"], meta["samples_in_epoch"]
+    window = (meta.get("sample_order") or {}).get("window", 0)  # none recorded: file order, no windows
+    before = window_in_progress(total_rows, window, old_batch, cursor)
+    after = window_in_progress(total_rows, window, new_batch, cursor)
+    if before == after:
+        return
+    epoch_end = choice.step + (total_rows // old_batch * old_batch - cursor) // old_batch
+    raise UserError(
+        f"--allow-new-global-batch: {choice.name} stopped {cursor} samples into epoch {meta['epoch']}, "
+        f"inside shuffle window [{before[0]}, {before[1]}), which global batch size {new_batch} would cut at "
+        f"{after[1]} and shuffle otherwise: samples would repeat and be skipped. Finish the epoch with global "
+        f"batch size {old_batch} (--max-steps {epoch_end}), then resume with {new_batch} from its end, or resume "
+        f"a checkpoint at a window's start (samples_in_epoch a multiple of {window})"
+    )
+
+
 def check_no_overwrite(run: Location, choice: ResumeChoice | None) -> None:
     """Never let this run write names that a newer checkpoint of the same run already has.
 
