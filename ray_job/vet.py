@@ -43,21 +43,67 @@ def _whole(arg: str, loc: Location, metadata: dict) -> None:
     with ThreadPoolExecutor(16) as pool:
         problems = list(pool.map(lambda rel: _torch_problem(loc, rel, files[rel]["size"]), torch_files))
     for rel, problem in zip(torch_files, problems):
+        if isinstance(problem, _Unread):
+            raise UserError(f"--resume {arg}: {rel} of {loc.uri} could not be read to be checked "
+                            f"({problem.reason}); check the storage and try again")
         if problem is not None:
             raise UserError(f"--resume {arg}: checkpoint {loc.uri} is refused ({rel} does not load as "
                             f"plain data: {problem}); {FIX}")
 
 
-def _torch_problem(loc: Location, rel: str, size: int) -> str | None:
-    """Why torch.load(weights_only=True) refuses this file (None: it loads), tensors unread."""
+class _Unread:
+    def __init__(self, e: BaseException):
+        self.reason = _reason(e)
+
+
+def _torch_problem(loc: Location, rel: str, size: int) -> str | _Unread | None:
+    """Why torch.load(weights_only=True) refuses this file (None: it loads; _Unread: the storage
+    failed), its tensors never read."""
     import torch
 
     try:
         with loc.fs.open_input_file(join(loc.path, rel)) as f:
-            torch.load(io.BytesIO(f.read()) if size <= SMALL else f, weights_only=True, map_location="meta")
-    except Exception as e:  # hashes were verified: whatever fails here was signed that way
-        return _reason(e)
+            raw = _Ranged(f, size)
+            source = io.BytesIO(f.read()) if size <= SMALL else io.BufferedReader(raw, 64 << 10)
+            try:
+                torch.load(source, weights_only=True, map_location="meta")
+            except Exception as e:  # hashes were verified: whatever fails here was signed that way
+                return _Unread(raw.error) if raw.error is not None else _reason(e)
+    except Exception as e:  # opening or reading a small file: the storage, not the file
+        return _Unread(e)
     return None
+
+
+class _Ranged(io.RawIOBase):
+    """A storage file read by range, never past its end (GCS answers 416 to a read at the end,
+    where torch's zip reader expects an empty one); a storage error is kept (torch rewraps it)."""
+
+    def __init__(self, f, size: int):
+        self.f, self.size, self.pos, self.error = f, size, 0, None
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        self.pos = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.size}[whence] + offset
+        return self.pos
+
+    def readinto(self, buf) -> int:
+        n = max(0, min(len(buf), self.size - self.pos))
+        if n:
+            try:
+                buf[:n] = self.f.read_at(n, self.pos)
+            except Exception as e:
+                self.error = e
+                raise
+            self.pos += n
+        return n
 
 
 def _reason(e: Exception) -> str:

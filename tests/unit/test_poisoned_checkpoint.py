@@ -184,3 +184,23 @@ def test_a_clean_ddp_checkpoint_passes_the_driver_checks(tmp_path, corpus):
     _, _, _, plan = train.prepare(["--config", "test", "--storage", str(tmp_path / "runs"), "--run-name", "fork",
                                    "--set", f"data.path={corpus}", "--resume", folder, "--max-steps", "20"])
     assert plan.resume.step == 8 and plan.resume.samples_in_epoch == 128
+
+
+def test_a_storage_that_fails_while_vetting_is_said_as_such_not_as_a_refusal(tmp_path, corpus):
+    """ray_job/vet.py: a read that fails is the storage's fault (retry), not the checkpoint's."""
+    import types
+
+    from ray_job import vet
+    from ray_job.errors import UserError
+
+    def broken(path):
+        raise OSError(f"connection reset reading {path}")
+
+    folder = launch_checkpoint(tmp_path / "old", corpus, 8, 128)
+    meta = manifest.check(resolve(folder)).metadata
+    broken = types.SimpleNamespace(fs=types.SimpleNamespace(open_input_file=broken),
+                                   path=str(folder), uri=str(folder))
+    with pytest.raises(UserError, match="optimizer.pt of .* could not be read to be checked .OSError: "
+                                        "connection reset reading .*; check the storage and try again"):
+        vet.checkpoint("x", broken, meta)
+    vet.checkpoint("x", resolve(folder), meta)  # the same files, read: they pass
