@@ -65,6 +65,7 @@ def prepare(argv: list[str] | None = None) -> tuple:
         note = resume.check_same_order(choice, cfg, token_dtype)
         if note:
             print(note)
+        resume.check_window_kept(choice, index.total_rows, cfg.train.global_batch_size)
     if index.total_rows < cfg.train.global_batch_size:
         raise UserError(f"data.path {data.uri}: {index.total_rows} train samples, fewer than one "
                         f"global batch ({cfg.train.global_batch_size}); lower "
