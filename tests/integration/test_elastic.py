@@ -4,7 +4,8 @@ node lost without notice (its raylet SIGKILLed), the node's return (the group gr
 saving the step in progress) and a spot VM's shutdown (SIGTERM to every process of the node,
 SIGKILL 25 s later: the node's clusters/spot_watch.py turns it into Ray's preemption notice,
 a drain with a deadline), and ends with every sample of each epoch trained exactly once, in the
-order of a straight 2-worker run."""
+order of a straight 2-worker run. Under fsdp: DCP reshards the state at every resize (2 -> 1 ->
+2 -> 1)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ from clusters import nodes
 from clusters.nodes import Trail
 from ray_job import launcher
 
-STEPS = 480
+STEPS = 720  # 30 epochs of the test corpus, at most 5 steps a second (the paced model): 144 s or more
+PACE = ["--set", "model.factory=tests.integration.user_models.tiny:paced", "--set", 'model.kwargs={"pace_s": 0.2}']
 EVERY = 8
 G = 16
 GRACE_S = 20  # spot_watch's drain deadline, before the SIGKILL at 25 s
@@ -45,7 +47,7 @@ def test_elastic_job_shrinks_grows_and_rides_a_spot_shutdown(runs, ray_cluster):
     args = ["--config", "test", "--storage", runs.storage, "--run-name", "elastic", "--set", f"data.path={runs.data}",
             "--min-workers", 1, "--num-workers", 2, "--set", 'scaling.worker_resources={"train_slot": 1}',
             "--set", "scaling.resize_check_s=5", "--checkpoint-every", EVERY, "--max-steps", STEPS,
-            "--set", "train.val_every=0", "--audit-dir", trail.folder]
+            "--set", "train.val_every=0", "--set", "train.strategy=fsdp", *PACE, "--audit-dir", trail.folder]
     job = launcher.start(args, ray_address=ray_cluster.address)
     try:
         # (Ray may start the group at 1 worker and grow it once the second node's slot shows.)
