@@ -13,7 +13,8 @@ final loss against that run's.
     python benchmarks/bench_elastic.py                     # ddp and fsdp, ~15 min on 2 cores
     python benchmarks/bench_elastic.py --strategy ddp
 Goals: 0 steps retrained for (b) and (c), at most checkpoint.every for (a); at most 60 s to the
-first step at the smaller size.
+first step at the smaller size. No --quick smoke run: tests/integration/test_elastic.py runs the
+same harness (clusters/nodes.py) through a kill, a return and a spot shutdown.
 """
 
 from __future__ import annotations

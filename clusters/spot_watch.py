@@ -135,7 +135,11 @@ def watch(gcs: str, port: int, grace_s: float, log: str, gce_host: str | None) -
         if fired.is_set():
             return
         fired.set()
-        ok = drain(gcs, node, f"spot: {why}", grace_s)
+        try:
+            ok = drain(gcs, node, f"spot: {why}", grace_s)
+        except Exception as e:  # noqa: BLE001 - the head unreachable: nothing more to do
+            _log(log, f"{why}: drain of {node} failed: {type(e).__name__}: {e}")
+            return
         _log(log, f"{why}: drain of {node} {'accepted' if ok else 'refused'}, deadline in {grace_s:g}s")
 
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=notice, args=("SIGTERM",)).start())
