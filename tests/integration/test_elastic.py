@@ -23,8 +23,10 @@ from clusters import nodes
 from clusters.nodes import Trail
 from ray_job import launcher
 
-STEPS = 720  # 30 epochs of the test corpus, at most 5 steps a second (the paced model): 144 s or more
-PACE = ["--set", "model.factory=tests.integration.user_models.tiny:paced", "--set", 'model.kwargs={"pace_s": 0.2}']
+STEPS = 720  # 30 epochs of the test corpus; 4 steps a second at most until the events are over
+PACING = Path(tempfile.gettempdir()) / f"elastic-test-paced-{os.getpid()}"
+PACE = ["--set", "model.factory=tests.integration.user_models.tiny:paced",
+        "--set", f'model.kwargs={{"while_exists": "{PACING}"}}']
 EVERY = 8
 G = 16
 GRACE_S = 20  # spot_watch's drain deadline, before the SIGKILL at 25 s
@@ -48,6 +50,7 @@ def test_elastic_job_shrinks_grows_and_rides_a_spot_shutdown(runs, ray_cluster):
             "--min-workers", 1, "--num-workers", 2, "--set", 'scaling.worker_resources={"train_slot": 1}',
             "--set", "scaling.resize_check_s=5", "--checkpoint-every", EVERY, "--max-steps", STEPS,
             "--set", "train.val_every=0", "--set", "train.strategy=fsdp", *PACE, "--audit-dir", trail.folder]
+    PACING.touch()
     job = launcher.start(args, ray_address=ray_cluster.address)
     try:
         # (Ray may start the group at 1 worker and grow it once the second node's slot shows.)
@@ -69,8 +72,11 @@ def test_elastic_job_shrinks_grows_and_rides_a_spot_shutdown(runs, ray_cluster):
         sigterm = time.monotonic()
         _wait("the SIGKILL", lambda: time.monotonic() > sigterm + 25, job, timeout=60)
         nodes.kill(c)
+        _wait("the group at 1 worker again", lambda: trail.attempts()[-1]["world"] == 1, job)
+        PACING.unlink()  # the rest at full speed
         out = job.communicate(timeout=600)[0]
     finally:
+        PACING.unlink(missing_ok=True)
         if job.poll() is None:
             job.kill()
         for port in ports:

@@ -1,6 +1,7 @@
 """A model a user brings (model.factory=tests.integration.user_models.tiny:mlp): not a GPT, a
 bag-of-embeddings MLP predicting the next token, with dropout so RNG state matters on resume."""
 
+import os
 import time
 
 import torch
@@ -25,17 +26,19 @@ def mlp(cfg, hidden: int = 48):
 
 
 class Paced(NextTokenMLP):
-    """The MLP at most 1 / pace_s steps a second: a run long enough for what a test does to it
-    meanwhile (tests/integration/test_elastic.py), however fast the machine."""
+    """The MLP at most 1 / pace_s steps a second while the file `while_exists` does: a run
+    long enough for what a test does to it meanwhile (tests/integration/test_elastic.py),
+    however fast the machine, and quick once the test removes the file."""
 
-    def __init__(self, *args, pace_s: float):
+    def __init__(self, *args, pace_s: float, while_exists: str):
         super().__init__(*args)
-        self.pace_s = pace_s
+        self.pace_s, self.while_exists = pace_s, while_exists
 
     def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        time.sleep(self.pace_s)
+        if self.training and os.path.exists(self.while_exists):
+            time.sleep(self.pace_s)
         return super().forward(inputs, targets)
 
 
-def paced(cfg, hidden: int = 48, pace_s: float = 0.2):
-    return Paced(cfg.vocab_size, cfg.d_model, hidden, cfg.dropout, pace_s=pace_s)
+def paced(cfg, while_exists: str, hidden: int = 48, pace_s: float = 0.25):
+    return Paced(cfg.vocab_size, cfg.d_model, hidden, cfg.dropout, pace_s=pace_s, while_exists=while_exists)
