@@ -87,9 +87,10 @@ def test_list_show_and_plot_on_gcs(gcs_runs, gcs, tmp_path):
     table = json.loads(listed.out)
     assert [r["step"] for r in table] == [8, 16, 24, 32, 40]
     assert {r["status"] for r in table} == {"complete"}
-    assert all(r["size"] > 0 and r["train_loss"] is not None for r in table)
+    assert all(r["size"] > 0 and r["train_loss"] is not None and r["workers"] == 2 for r in table)
     text = _tool(gcs, "list", "--storage", "gs://ckpts/runs", "--run-name", "g")
     assert FINAL in text.out and "complete" in text.out
+    assert text.out.splitlines()[0].split()[:5] == ["name", "step", "epoch", "files", "workers"]
     shown = _tool(gcs, "show", FINAL, "--storage", "gs://ckpts/runs", "--run-name", "g", "--json")
     report = json.loads(shown.out)
     assert report["metadata"]["step"] == 40 and len(report["metrics"]["loss_history"]) == 40
