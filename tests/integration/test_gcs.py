@@ -90,7 +90,8 @@ def test_list_show_and_plot_on_gcs(gcs_runs, gcs, tmp_path):
     assert all(r["size"] > 0 and r["train_loss"] is not None and r["workers"] == 2 for r in table)
     text = _tool(gcs, "list", "--storage", "gs://ckpts/runs", "--run-name", "g")
     assert FINAL in text.out and "complete" in text.out
-    assert text.out.splitlines()[0].split()[:5] == ["name", "step", "epoch", "files", "workers"]
+    header = next(line for line in text.out.splitlines() if line.startswith("name "))
+    assert header.split()[:5] == ["name", "step", "epoch", "files", "workers"]
     shown = _tool(gcs, "show", FINAL, "--storage", "gs://ckpts/runs", "--run-name", "g", "--json")
     report = json.loads(shown.out)
     assert report["metadata"]["step"] == 40 and len(report["metrics"]["loss_history"]) == 40
