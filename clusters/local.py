@@ -1,9 +1,9 @@
 """`clusters/local.sh up | down | status`: a Ray cluster launched by Ray's own cluster launcher
 (`ray up`) on this machine, to try the `ray up` path without a cloud.
 
-Ray's local provider starts a head node at 127.0.0.2 and, through the autoscaler, a worker
-node at 127.0.0.3, over SSH. The SSH is this script's own: an sshd listening on those two
-addresses only, on a free port, with its own config, host key and authorized key in the
+Ray's local provider starts a head node at 127.0.0.2 and, through the autoscaler, worker
+nodes at 127.0.0.3 and 127.0.0.4, over SSH. The SSH is this script's own: an sshd listening on
+those addresses only, on a free port, with its own config, host key and authorized key in the
 cluster folder (`LOCAL_CLUSTER_DIR`, default /tmp/rtr-local-UID). Nothing in ~/.ssh or
 /etc/ssh is read or changed. What a single host needs beyond cluster.yaml is in
 clusters/local.yaml's comments and ../shared/research/ray-up-local.md.
@@ -32,7 +32,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-HEAD_IP, WORKER_IP = "127.0.0.2", "127.0.0.3"
+HEAD_IP, WORKER_IPS = "127.0.0.2", ("127.0.0.3", "127.0.0.4")
 SSHD = "/usr/sbin/sshd"
 
 
@@ -159,7 +159,7 @@ def ensure_tools() -> None:
         subprocess.run(install, env=env, check=True, capture_output=True)
 
 
-def start_sshd(dir: Path, port: int) -> int:
+def start_sshd(dir: Path, port: int, agent_ports: list[int]) -> int:
     ssh = dir / "ssh"
     ssh.mkdir(parents=True, exist_ok=True)
     for key in ("host_ed25519", "id_ed25519"):
@@ -167,14 +167,20 @@ def start_sshd(dir: Path, port: int) -> int:
             subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "rtr-local",
                             "-f", str(ssh / key)], check=True)
     shutil.copy(ssh / "id_ed25519.pub", ssh / "authorized_keys")
+    listen = "".join(f"ListenAddress {ip}:{port}\n" for ip in (HEAD_IP, *WORKER_IPS))
+    # Each worker node's own address and agent port reach its commands (one template in
+    # local.yaml for both nodes) through the SSH session: sshd sets them by the address it was
+    # reached at.
+    per_node = "".join(f"Match LocalAddress {ip}\n    SetEnv RTR_NODE_IP={ip} RTR_AGENT_PORT={agent}\n"
+                       for ip, agent in zip(WORKER_IPS, agent_ports))
     (ssh / "sshd_config").write_text(
-        f"ListenAddress {HEAD_IP}:{port}\nListenAddress {WORKER_IP}:{port}\n"
+        listen +
         f"HostKey {ssh}/host_ed25519\nPidFile {ssh}/sshd.pid\n"
         f"AuthorizedKeysFile {ssh}/authorized_keys\nAllowUsers {getpass.getuser()}\n"
         "PermitRootLogin prohibit-password\nPubkeyAuthentication yes\n"
         "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n"
         # the keys live in a folder sshd does not own; only this user's key is in it
-        "StrictModes no\nAllowTcpForwarding yes\nSubsystem sftp internal-sftp\n")
+        "StrictModes no\nAllowTcpForwarding yes\nSubsystem sftp internal-sftp\n" + per_node)
     if os.getuid() == 0:
         os.makedirs("/run/sshd", exist_ok=True)  # sshd's privilege separation folder
     subprocess.run([SSHD, "-f", str(ssh / "sshd_config"), "-E", str(ssh / "sshd.log")], check=True)
@@ -225,17 +231,18 @@ def up() -> int:
         down()
     ensure_tools()
     dir.mkdir(parents=True, exist_ok=True)
-    ports = {"ssh_port": free_port(HEAD_IP, WORKER_IP)}
+    ports = {"ssh_port": free_port(HEAD_IP, *WORKER_IPS)}
+    agents = [f"worker{i}_agent_port" for i in range(len(WORKER_IPS))]
     for name in ("gcs_port", "dashboard_port", "client_port", "head_agent_port",
-                 "worker_agent_port", "autoscaler_metric_port", "dashboard_metric_port"):
+                 *agents, "autoscaler_metric_port", "dashboard_metric_port"):
         while True:  # distinct from those already chosen
             port = free_port()
             if port not in ports.values():
                 ports[name] = port
                 break
-    sshd = start_sshd(dir, ports["ssh_port"])
+    sshd = start_sshd(dir, ports["ssh_port"], [ports[a] for a in agents])
     state_file.write_text(json.dumps({"ports": ports, "sshd_pid": sshd, "name": cluster_name(dir)}))
-    say(f"sshd for the cluster on {HEAD_IP} and {WORKER_IP}, port {ports['ssh_port']} (pid {sshd})")
+    say(f"sshd for the cluster on {HEAD_IP} and {', '.join(WORKER_IPS)}, port {ports['ssh_port']} (pid {sshd})")
     config = render(dir, ports)
     log = dir / "ray-up.log"
     say(f"ray up {config} (log: {log}) ...")
@@ -250,7 +257,7 @@ def up() -> int:
         down()
         return 1
     say(f"Head node up at {HEAD_IP} in {time.monotonic() - started:.0f} s; the autoscaler starts "
-        f"the worker node at {WORKER_IP} (`clusters/local.sh status`)")
+        f"the worker nodes at {', '.join(WORKER_IPS)} (`clusters/local.sh status`)")
     say(f"RAY_ADDRESS=http://127.0.0.1:{ports['dashboard_port']}")
     return 0
 
@@ -280,7 +287,7 @@ def markers(dir: Path, name: str, ports: dict | None) -> list[str]:
     user = hashlib.sha256(getpass.getuser().encode()).hexdigest()[:10]
     found = [str(dir), f"/tmp/ray_ssh_{user}/{hashlib.sha256(name.encode()).hexdigest()[:10]}"]
     if ports:  # ssh's proxy processes name only the address and port
-        found += [f"tcp_pipe.py {ip} {ports['ssh_port']}" for ip in (HEAD_IP, WORKER_IP)]
+        found += [f"tcp_pipe.py {ip} {ports['ssh_port']}" for ip in (HEAD_IP, *WORKER_IPS)]
     return found
 
 

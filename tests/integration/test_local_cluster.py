@@ -34,13 +34,15 @@ def _local_sh(command: str, dir: Path) -> subprocess.CompletedProcess:
 
 def _train(address: str, storage: Path, data: Path, *extra: str, **popen) -> subprocess.Popen:
     return subprocess.Popen([str(REPO / "start_training.sh"), "--config", "test", "--storage", str(storage),
-                             "--run-name", "on-cluster", "--set", f"data.path={data}", *extra],
+                             "--run-name", "on-cluster", "--set", f"data.path={data}",
+                             # one worker on each worker node: losing one stops the group
+                             "--set", 'scaling.worker_resources={"train_slot": 1}', *extra],
                             cwd=REPO, env=launcher.env(address), text=True, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, **popen)
 
 
 def _raylet(dir: Path) -> int:
-    (pid,) = [p for p in local.processes([f"{dir}/worker"])
+    (pid,) = [p for p in local.processes([f"{dir}/worker-{local.WORKER_IPS[0]}"])
               if open(f"/proc/{p}/comm").read().strip() == "raylet"]
     return pid
 
@@ -54,7 +56,7 @@ def test_ray_up_submit_resume_lose_a_node_and_down(runs, tmp_path):
         address = re.search(r"^RAY_ADDRESS=(http://127\.0\.0\.1:\d+)$", up.stdout, re.M).group(1)
         port = int(address.rsplit(":", 1)[1])
         deadline = time.monotonic() + 120  # the autoscaler starts the worker node
-        while local.alive_nodes(port) != [local.HEAD_IP, local.WORKER_IP]:
+        while local.alive_nodes(port) != [local.HEAD_IP, *local.WORKER_IPS]:
             assert time.monotonic() < deadline, "the autoscaler did not start the worker node"
             time.sleep(2)
         again = _local_sh("up", dir)  # safe twice: the same cluster

@@ -16,7 +16,7 @@ FOLDERS = {"${REPO}": "~/ray-train-resume", "$HOME/ray-train-resume": "~/ray-tra
 # addresses, ports, resources and folders
 MAY_DIFFER = {"--node-ip-address", "--port", "--object-manager-port", "--dashboard-port",
               "--ray-client-server-port", "--dashboard-agent-listen-port", "--temp-dir",
-              "--num-cpus"}
+              "--num-cpus", "--resources"}
 # ports, and how soon a lost node is restarted (one host: no network to ride out)
 LOCAL_ONLY_ENV = {"AUTOSCALER_METRIC_PORT", "DASHBOARD_METRIC_PORT", "AUTOSCALER_HEARTBEAT_TIMEOUT_S"}
 
