@@ -62,6 +62,10 @@ class LeaseHeld(LeaseError):
         self.holder = holder
 
 
+class LeaseLost(LeaseError):
+    """The run's lease is no longer this launch's: it writes nothing more to the run."""
+
+
 class _Conflict(Exception):
     """The lease is no longer the version read (someone else changed or removed it)."""
 
@@ -425,13 +429,26 @@ class Lease:
         again; a lost lease calls on_lost(reason) once and ends the thread."""
 
         def beat() -> None:
+            last_ok = self.clock()
             while not self._stop.wait(self.heartbeat_s):
                 try:
                     ok = self.refresh()
                 except Exception as e:  # noqa: BLE001 - storage hiccup: the next beat retries
-                    self.log(f"⚠️  Lease heartbeat on {self.run.uri} failed "
-                             f"({type(e).__name__}); retrying in {self.heartbeat_s:g}s")
-                    continue
+                    failing = self.clock() - last_ok
+                    if failing <= self.stale_s:
+                        self.log(f"⚠️  Lease heartbeat on {self.run.uri} failed "
+                                 f"({type(e).__name__}); retrying in {self.heartbeat_s:g}s")
+                        continue
+                    # Past stale_s another launch may take the run: stop before it does (the
+                    # workers' fence already refuses to commit on a lease this old).
+                    with self._mutex:
+                        self._version = None
+                        self.lost = (f"could not refresh the lease on run {self.run.uri} for "
+                                     f"{failing:.0f}s (checkpoint.lease_stale_s = {self.stale_s:g}s; "
+                                     f"last error {type(e).__name__}), so another launch may take the run over")
+                    ok = False
+                if ok:
+                    last_ok = self.clock()
                 if not ok:
                     if on_lost is not None and self.lost:
                         on_lost(self.lost)
@@ -446,3 +463,50 @@ class Lease:
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=self.heartbeat_s + 15)
         self._thread = None
+
+
+class Fence:
+    """What a worker checks before it changes the run (a commit, a retention delete, removing
+    another writer's file, starting an upload): the run's lease is still this launch's.
+
+    ``with fence(): ...`` runs the block only then; LeaseLost otherwise. On local disk the
+    block runs under the lease's flock, which every takeover takes too: no launch can take the
+    run over between the check and the change. On GCS (no lock spans two objects) the lease is
+    read generation-matched and must be this launch's with a heartbeat at most stale_s / 2 old:
+    a takeover needs one older than stale_s, which leaves half of it for the block to land. A
+    heartbeat between the two (a refresh or two failed) is waited for; past stale_s the lease
+    is as good as lost and LeaseLost is raised.
+    """
+
+    def __init__(self, run: Location, launch_id: str, stale_s: float, clock: Callable[[], float] = time.time,
+                 sleep: Callable[[float], None] = time.sleep, store=None):
+        self.run, self.launch_id, self.stale_s = run, launch_id, stale_s
+        self.clock, self.sleep = clock, sleep
+        self.store = store if store is not None else _store(run)
+
+    def _holder(self) -> Holder:
+        current = self.store.read()
+        holder = Holder.parse(current[0]) if current else None
+        if holder is None or holder.launch_id != self.launch_id:
+            who = f"another launch holds it ({holder.describe(self.clock())})" if holder else "it is gone"
+            raise LeaseLost(f"lost the lease on run {self.run.uri}: {who}; this launch "
+                            f"({self.launch_id[:12]}) writes nothing more to the run")
+        return holder
+
+    @contextmanager
+    def __call__(self):
+        if isinstance(self.store, _LocalStore):
+            with self.store._locked():
+                self._holder()
+                yield
+            return
+        while True:
+            age = self.clock() - self._holder().heartbeat
+            if age <= self.stale_s / 2:
+                break
+            if age > self.stale_s:
+                raise LeaseLost(f"the lease on run {self.run.uri} was last refreshed {age:.0f}s ago, "
+                                f"past checkpoint.lease_stale_s ({self.stale_s:g}s): another launch may "
+                                "take the run over, so this launch writes nothing more to it")
+            self.sleep(min(1.0, self.stale_s / 20))
+        yield

@@ -6,15 +6,33 @@ and a delete removes metadata.json first. A crash at any point leaves a folder t
 incomplete, never one that passes for whole. metadata.json is created only where none is (a
 hard link on local disk, ``if_generation_match=0`` on GCS, where a rename is not atomic), so a
 checkpoint is never overwritten, not even by a second writer racing the first.
+
+Two launches can write the same checkpoint name before either commits (a killed or taken-over
+launch and its successor). A writer that finds another's file removes it only after it has
+*claimed* the folder: metadata.json created (create-only, like a commit) holding just
+``{"claimed_by": launch}``, which manifest.check reads as incomplete. From then on the other
+writer cannot commit: its create-only commit finds something there, and a claim of its own was
+replaced generation-matched, so its commit (a replace matched against its claim's version)
+fails. A writer takes over another launch's claim only under the run's lease (the fence,
+storage/lease.py): a killed launch's claim never blocks its successor, and a launch that lost
+the lease takes none. Deletes of another's file are matched against the version seen (GCS
+generation; locally inode and mtime, under the run's ``.commit.lock``), and the commit checks
+that every listed file in storage is the very object its rank wrote (GCS generation and MD5
+from one listing, no download; locally inode and mtime; elsewhere sha256), so of two racing
+writers the loser never leaves a complete checkpoint that fails its hashes.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
+import json
 import os
+import posixpath
 import shutil
 import uuid
 from collections.abc import Callable
+from contextlib import contextmanager, nullcontext
 
 import pyarrow.fs as pafs
 
@@ -31,75 +49,131 @@ def upload(local_dir: str, dest: Location) -> None:
     ``if_generation_match=0`` on GCS), so of two writers that both got past the first look,
     the second fails loudly at its commit instead of replacing the first's.
     """
-    upload_files(local_dir, dest)
+    writer = uuid.uuid4().hex
+    stored = upload_files(local_dir, dest, writer)
     with open(os.path.join(local_dir, METADATA), "rb") as f:
-        commit(dest, f.read())
+        metadata = f.read()
+    files = json.loads(metadata)["files"]
+    changed = not_written_by(dest, files, stored)
+    if changed:
+        raise CheckpointError(f"{dest.uri}/{changed[0]} is not the file this writer uploaded")
+    commit(dest, metadata, writer)
 
 
-def upload_files(local_dir: str, dest: Location) -> None:
+Fence = Callable[[], object]  # a context manager: entered, the run's lease is this launch's
+
+
+def _fenced(fence: Fence | None):
+    return fence() if fence is not None else nullcontext()
+
+
+def upload_files(local_dir: str, dest: Location, writer: str | None = None,
+                 fence: Fence | None = None) -> dict[str, dict | None]:
     """Copy every file of local_dir but metadata.json into dest (one rank's part of a checkpoint;
     the commit comes after every rank's). Refused where dest is already committed, and no file
-    is ever written over another's (_put_create_only): a second launch writing the same name (one
-    whose lease was taken over while its workers still upload) cannot change a checkpoint the
-    other committed."""
-    if exists(dest.fs, join(dest.path, METADATA)):
-        raise CheckpointError(f"refusing to overwrite the existing checkpoint {dest.uri}")
+    is ever written over another's (_put_create_only). writer: this launch's id (its claims);
+    fence: checked before anything is written (a launch that lost the run's lease writes
+    nothing) and held for every removal of another writer's file.
+
+    Returns {rel: identity} of the objects now holding this writer's bytes, which the commit
+    checks (not_written_by)."""
+    writer = writer or uuid.uuid4().hex
+    with _fenced(fence):
+        if read_marker(dest).kind == "commit":
+            raise CheckpointError(f"refusing to overwrite the existing checkpoint {dest.uri}")
     dest.fs.create_dir(dest.path, recursive=True)
     rels = []
     for root, _, names in os.walk(local_dir):
         for name in names:
             rels.append(os.path.relpath(os.path.join(root, name), local_dir).replace(os.sep, "/"))
+    stored = {}
     for rel in sorted(r for r in rels if r != METADATA):
         if "/" in rel:
             dest.fs.create_dir(join(dest.path, rel.rsplit("/", 1)[0]), recursive=True)
-        _put_create_only(os.path.join(local_dir, rel), dest, rel)
+        stored[rel] = _put_create_only(os.path.join(local_dir, rel), dest, rel, writer, fence)
+    return stored
 
 
-def _put_create_only(source: str, dest: Location, rel: str) -> None:
-    """source's bytes at dest/rel, never replacing a file of a committed checkpoint.
+def _put_create_only(source: str, dest: Location, rel: str, writer: str,
+                     fence: Fence | None) -> dict | None:
+    """source's bytes at dest/rel, never replacing a file of a committed checkpoint; the
+    identity of the object that holds them.
 
     Created only where nothing is, or the same bytes are (this writer's retry). A different
-    file in a folder that is not committed was left by a writer that lost the run (a killed or
-    taken-over launch): it is removed and the create tried once more; losing again means a
-    writer is still at work there, and this one stops (CheckpointError). Once committed, a
-    folder's files can never change: every writer creates, none overwrites.
+    file was left by another writer of this name (a killed or taken-over launch): this writer
+    claims the folder (claim: refused if it is committed, or claimed by a launch that may still
+    commit), removes that file, the version seen only, and creates its own once more; losing
+    again means a writer is still at work there, and this one stops (CheckpointError).
     """
     target = join(dest.path, rel)
     for attempt in range(2):
         try:
-            if dest.is_gcs:
-                gcs.upload_create_only(target, source)
-            elif dest.is_local:
-                _copy_create_only(source, target)
-            else:  # no create-only primitive in pyarrow's generic API: look, then copy
-                if exists(dest.fs, target):
-                    raise FileExistsError(target)
-                pafs.copy_files(source, target, source_filesystem=pafs.LocalFileSystem(),
-                                destination_filesystem=dest.fs, chunk_size=CHUNK)
-            return
+            return _create(source, dest, target)
         except FileExistsError:
-            if exists(dest.fs, join(dest.path, METADATA)):
-                raise CheckpointError(f"refusing to overwrite the existing checkpoint {dest.uri} "
-                                      f"(another writer committed it while this one uploaded)") from None
             if attempt == 1:
                 raise CheckpointError(f"{dest.uri}/{rel} is being written by another writer of this "
                                       "checkpoint; this one writes nothing over it") from None
-            if dest.is_gcs:
-                gcs.delete_if_generation(target)
-            else:
-                dest.fs.delete_file(target)
+            claim(dest, writer, fence)
+            seen = _identity(dest, target)
+            if seen is not None:
+                with _fenced(fence):
+                    _delete_seen(dest, target, seen)
+    raise AssertionError("unreachable")
 
 
-def _copy_create_only(source: str, target: str) -> None:
+def _create(source: str, dest: Location, target: str) -> dict | None:
+    if dest.is_gcs:
+        return gcs.upload_create_only(target, source)
+    if dest.is_local:
+        return _copy_create_only(source, target)
+    if exists(dest.fs, target):  # no create-only primitive in pyarrow's generic API: look, then copy
+        raise FileExistsError(target)
+    pafs.copy_files(source, target, source_filesystem=pafs.LocalFileSystem(),
+                    destination_filesystem=dest.fs, chunk_size=CHUNK)
+    return None
+
+
+def _local_identity(st: os.stat_result) -> dict:
+    return {"inode": st.st_ino, "mtime_ns": st.st_mtime_ns, "size": st.st_size}
+
+
+def _identity(dest: Location, path: str) -> dict | None:
+    """The identity of the object at path now (None: nothing there, or no identity here)."""
+    if dest.is_gcs:
+        return gcs.stat(path)
+    if dest.is_local:
+        try:
+            return _local_identity(os.stat(path))
+        except FileNotFoundError:
+            return None
+    return {} if exists(dest.fs, path) else None
+
+
+def _delete_seen(dest: Location, path: str, seen: dict) -> None:
+    """Delete path only if it is still the object seen (a newer write is kept)."""
+    if dest.is_gcs:
+        gcs.delete_generation(path, seen["generation"])
+    elif dest.is_local:
+        with locked(_lock_path(dest)):  # every removal here takes it; a link never replaces
+            if _identity(dest, path) == seen:
+                os.unlink(path)
+    else:
+        dest.fs.delete_file(path)
+
+
+def _copy_create_only(source: str, target: str) -> dict:
     """source's bytes appear at target whole (a temp file, then a hard link), only where nothing
-    is or the same bytes are; FileExistsError otherwise."""
+    is or the same bytes are; FileExistsError otherwise. The identity of the file now there."""
     tmp = f"{target}.{uuid.uuid4().hex}.tmp"
     shutil.copyfile(source, tmp)
     try:
         link_create_only(tmp, target)
+        return _local_identity(os.stat(tmp))  # the same inode as target's
     except FileExistsError:
-        if os.path.getsize(target) != os.path.getsize(source) or sha256_file(target) != sha256_file(source):
+        there = os.stat(target)
+        if there.st_size != os.path.getsize(source) or sha256_file(target) != sha256_file(source):
             raise
+        return _local_identity(there)
     finally:
         os.unlink(tmp)
 
@@ -113,30 +187,180 @@ def missing_or_wrong_size(dest: Location, files: dict) -> list[str]:
     return sorted(rel for rel, entry in files.items() if found.get(rel) != entry["size"])
 
 
-def commit(dest: Location, metadata_json: bytes) -> None:
-    """Write dest's metadata.json, the commit marker, create-only: CheckpointError if one is
-    there already (a checkpoint is never overwritten, not even by a racing second writer)."""
-    final = join(dest.path, METADATA)
+def not_written_by(dest: Location, files: dict, stored: dict[str, dict | None]) -> list[str]:
+    """Which of files ({rel: {size, sha256, md5}}) in dest are not the objects their writers
+    uploaded (stored: {rel: identity} as upload_files returned them): missing, replaced, or
+    other bytes. GCS: generation and MD5 from one listing, no download; locally inode, mtime and
+    size; where there is no identity, the sha256 of what is there (a read)."""
+    bad = set(missing_or_wrong_size(dest, files))
+    there = gcs.identities(dest.path) if dest.is_gcs else {}
+    for rel, entry in files.items():
+        if rel in bad:
+            continue
+        mine = stored.get(rel)
+        if dest.is_gcs and mine:
+            now = there.get(rel)
+            ok = bool(now) and now["generation"] == mine["generation"] and now["md5"] == entry.get("md5", now["md5"])
+        elif dest.is_local and mine:
+            ok = _identity(dest, join(dest.path, rel)) == mine
+        else:
+            with dest.fs.open_input_stream(join(dest.path, rel)) as f:
+                import hashlib
+
+                digest = hashlib.sha256()
+                while chunk := f.read(CHUNK):
+                    digest.update(chunk)
+            ok = digest.hexdigest() == entry["sha256"]
+        if not ok:
+            bad.add(rel)
+    return sorted(bad)
+
+
+# --- the commit marker: metadata.json, and the claim before it ------------------------------
+
+class Marker:
+    """What a checkpoint's metadata.json is now: kind "absent", "claim" (by launch) or "commit";
+    version: what a compare-and-swap matches (GCS generation; locally the bytes)."""
+
+    def __init__(self, kind: str, launch: str | None = None, version: object = None):
+        self.kind, self.launch, self.version = kind, launch, version
+
+
+def _lock_path(dest: Location) -> str:
+    return os.path.join(posixpath.dirname(dest.path.rstrip("/")), ".commit.lock")
+
+
+@contextmanager
+def locked(path: str):
+    """An exclusive flock on path (created if need be); the kernel drops it if the process dies."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        if dest.is_gcs:
-            gcs.write_create_only(final, metadata_json)
-            return
-        # Never a fixed temp name: two writers of one checkpoint must not share (or move) it.
-        tmp = join(dest.path, f"{METADATA}.{uuid.uuid4().hex}.tmp")
-        with dest.fs.open_output_stream(tmp) as out:
-            out.write(metadata_json)
+        fcntl.flock(fd, fcntl.LOCK_EX)  # per open file: threads of one process exclude too
+        yield
+    finally:
+        os.close(fd)
+
+
+def read_marker(dest: Location) -> Marker:
+    final = join(dest.path, METADATA)
+    if dest.is_gcs:
+        got = gcs.read(final)
+        if got is None:
+            return Marker("absent")
+        raw, version = got
+    else:
         try:
-            if dest.is_local:
-                link_create_only(tmp, final)
-            else:  # no create-only primitive in pyarrow's generic API: check, then rename
-                if exists(dest.fs, final):
-                    raise FileExistsError(final)
-                dest.fs.move(tmp, final)
-        finally:
-            if exists(dest.fs, tmp):
-                dest.fs.delete_file(tmp)
+            with dest.fs.open_input_stream(final) as f:
+                raw = f.read()
+        except (FileNotFoundError, OSError):
+            if exists(dest.fs, final):
+                raise
+            return Marker("absent")
+        version = raw
+    try:
+        parsed = json.loads(raw)
+    except ValueError:
+        parsed = None
+    if isinstance(parsed, dict) and "claimed_by" in parsed and "files" not in parsed:
+        return Marker("claim", str(parsed["claimed_by"]), version)
+    return Marker("commit", None, version)
+
+
+def _create_marker(dest: Location, data: bytes) -> None:
+    """metadata.json = data, only where nothing is: FileExistsError otherwise."""
+    final = join(dest.path, METADATA)
+    if dest.is_gcs:
+        gcs.write_create_only(final, data)
+        return
+    # Never a fixed temp name: two writers of one checkpoint must not share (or move) it.
+    tmp = join(dest.path, f"{METADATA}.{uuid.uuid4().hex}.tmp")
+    with dest.fs.open_output_stream(tmp) as out:
+        out.write(data)
+    try:
+        if dest.is_local:
+            link_create_only(tmp, final)
+        else:  # no create-only primitive in pyarrow's generic API: check, then rename
+            if exists(dest.fs, final):
+                raise FileExistsError(final)
+            dest.fs.move(tmp, final)
+    finally:
+        if exists(dest.fs, tmp):
+            dest.fs.delete_file(tmp)
+
+
+def _replace_marker(dest: Location, data: bytes, version: object) -> None:
+    """metadata.json = data, only if it is still the version seen: FileExistsError otherwise."""
+    final = join(dest.path, METADATA)
+    if dest.is_gcs:
+        gcs.replace_generation(final, data, int(version))
+        return
+    if not dest.is_local:  # no compare-and-swap in pyarrow's generic API: look, then write
+        if read_marker(dest).version != version:
+            raise FileExistsError(final)
+        with dest.fs.open_output_stream(final) as out:
+            out.write(data)
+        return
+    tmp = f"{final}.{uuid.uuid4().hex}.tmp"
+    with open(tmp, "wb") as out:
+        out.write(data)
+    try:
+        with locked(_lock_path(dest)):
+            if read_marker(dest).version != version:
+                raise FileExistsError(final)
+            os.replace(tmp, final)  # atomic; never absent in between, so no create slips in
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def claim(dest: Location, writer: str, fence: Fence | None = None) -> None:
+    """Make dest's metadata.json this writer's claim, or raise CheckpointError: it is committed,
+    or claimed by another launch and this writer holds no fence (the run's lease) to take the
+    claim over with. A takeover is matched against the version seen."""
+    for _ in range(5):
+        marker = read_marker(dest)
+        if marker.kind == "commit":
+            raise CheckpointError(f"refusing to overwrite the existing checkpoint {dest.uri} "
+                                  "(another writer committed it while this one uploaded)")
+        if marker.kind == "claim" and marker.launch == writer:
+            return
+        data = json.dumps({"claimed_by": writer, "claim_id": uuid.uuid4().hex}).encode()
+        try:
+            if marker.kind == "absent":
+                _create_marker(dest, data)
+                return
+            if fence is None:
+                raise CheckpointError(f"{dest.uri} is being written by launch {marker.launch[:12]}, which "
+                                      "may still commit it; this writer writes nothing over it")
+            with fence():
+                _replace_marker(dest, data, marker.version)
+            return
+        except FileExistsError:
+            continue  # another writer moved first: look again
+    raise CheckpointError(f"{dest.uri}: its metadata.json kept changing while being claimed")
+
+
+def commit(dest: Location, metadata_json: bytes, writer: str | None = None,
+           take_over: bool = False) -> None:
+    """Write dest's metadata.json, the commit marker: create-only, or in place of this writer's
+    own claim (matched against its version), or of another launch's claim if take_over (the
+    caller holds the run's lease, so that launch lost it). CheckpointError if it is committed
+    already (a checkpoint is never overwritten) or another launch claimed it since (its writer
+    may be removing this one's files)."""
+    marker = read_marker(dest)
+    try:
+        if marker.kind == "absent":
+            _create_marker(dest, metadata_json)
+            return
+        if marker.kind == "claim" and (marker.launch == writer or take_over):
+            _replace_marker(dest, metadata_json, marker.version)
+            return
     except FileExistsError:
-        raise CheckpointError(f"refusing to overwrite the existing checkpoint {dest.uri}") from None
+        marker = read_marker(dest)
+    if marker.kind == "claim":
+        raise CheckpointError(f"refusing to commit {dest.uri}: launch {marker.launch[:12]} claimed it "
+                              "(a writer of the same name that found this one's files)")
+    raise CheckpointError(f"refusing to overwrite the existing checkpoint {dest.uri}")
 
 
 def link_create_only(tmp: str, final: str) -> None:

@@ -237,43 +237,6 @@ def test_upload_to_a_non_local_filesystem(tmp_path):
     assert manifest.check(dest, verify_hashes=True).ok
 
 
-def test_upload_commit_on_gcs_is_create_only_and_last(tmp_path, monkeypatch):
-    """The GCS branch, with the create-only write faked: metadata.json goes last, through it."""
-    local = tmp_path / "local"
-    make_local(local, FLAT)
-    dest = resolve(str(tmp_path / "run")).child("checkpoint-epoch0-step8-files2")
-    dest_dir = tmp_path / "run" / "checkpoint-epoch0-step8-files2"
-    events = []
-    monkeypatch.setattr(Location, "is_gcs", property(lambda self: True))
-
-    def create_only(path, data):
-        events.append((path, data, files_in(dest_dir)))
-
-    monkeypatch.setattr(gcs, "write_create_only", create_only)
-    uploads = []
-
-    def upload_create_only(path, local_file):  # the data files: create-only too, stand-in on disk
-        uploads.append(path)
-        transfer._copy_create_only(local_file, path)
-
-    monkeypatch.setattr(gcs, "upload_create_only", upload_create_only)
-    transfer.upload(str(local), dest)
-    assert sorted(uploads) == sorted(dest.path + "/" + rel for rel in FLAT)
-    assert len(events) == 1
-    path, data, present = events[0]
-    assert path == dest.path + "/metadata.json"
-    assert data == (local / "metadata.json").read_bytes()
-    assert present == FLAT  # every data file was whole before the commit
-    assert files_in(dest_dir) == FLAT  # metadata.json went only through the create-only write
-
-    def lost_race(path, data):
-        raise FileExistsError(path)
-
-    monkeypatch.setattr(gcs, "write_create_only", lost_race)
-    with pytest.raises(CheckpointError, match="refusing to overwrite"):
-        transfer.upload(str(local), resolve(str(tmp_path / "run2")))
-
-
 def test_upload_nested_files_to_local_storage(tmp_path):
     local = tmp_path / "local"
     make_local(local)  # includes shards/part-0.bin
