@@ -6,15 +6,18 @@ under the same driver, so they keep it). A second launch finds a fresh lease and
 a lease whose heartbeat is older than ``stale_s`` was left by a killed job and is taken over.
 So is, at once, a fresh lease whose holder ran on this host (same host name and pid
 namespace) and whose pid is gone: a job killed with SIGKILL, relaunched here.
-The job deletes its lease at the end, only if it is still its own.
+The job deletes its lease at the end, only if it is still its own. A holder whose refreshes
+have failed for longer than ``stale_s`` (cut off from storage) stops its launch, as one whose
+lease was taken over does: by then another launch may own the run. Its workers check the
+lease themselves before every change they make to the run (storage/fence.py).
 
 Every change is a compare-and-swap against the version that was read, so two launches can
 never both believe they own the run:
 
 - GCS: create with ``if_generation_match=0``; refresh, take over and delete with
   ``if_generation_match=<generation read>``. The server decides; one writer wins. (The test
-  emulator, fake-gcs-server, enforces this on uploads but not on deletes or reads; a release
-  reads the lease back first, so even there it deletes only a lease that looked like its own.)
+  emulator, storage/emulator.py, enforces it on uploads and deletes; a release also reads the
+  lease back first, so it deletes only a lease that looked like its own.)
 - Local disk: create by hard-linking a fully written temp file to the lease name (atomic, never
   replaces, and a reader never sees a half-written lease). Replace and delete happen under an
   exclusive ``flock`` on ``{run}/.lease.lock``, after checking that the lease is still the
@@ -45,7 +48,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from storage.location import Location, join
-from storage.transfer import link_create_only
+from storage.marker import link_create_only
 
 LEASE = ".lease.json"
 LOCK = ".lease.lock"
@@ -60,10 +63,6 @@ class LeaseHeld(LeaseError):
     def __init__(self, message: str, holder: Holder):
         super().__init__(message)
         self.holder = holder
-
-
-class LeaseLost(LeaseError):
-    """The run's lease is no longer this launch's: it writes nothing more to the run."""
 
 
 class _Conflict(Exception):
@@ -464,49 +463,3 @@ class Lease:
             self._thread.join(timeout=self.heartbeat_s + 15)
         self._thread = None
 
-
-class Fence:
-    """What a worker checks before it changes the run (a commit, a retention delete, removing
-    another writer's file, starting an upload): the run's lease is still this launch's.
-
-    ``with fence(): ...`` runs the block only then; LeaseLost otherwise. On local disk the
-    block runs under the lease's flock, which every takeover takes too: no launch can take the
-    run over between the check and the change. On GCS (no lock spans two objects) the lease is
-    read generation-matched and must be this launch's with a heartbeat at most stale_s / 2 old:
-    a takeover needs one older than stale_s, which leaves half of it for the block to land. A
-    heartbeat between the two (a refresh or two failed) is waited for; past stale_s the lease
-    is as good as lost and LeaseLost is raised.
-    """
-
-    def __init__(self, run: Location, launch_id: str, stale_s: float, clock: Callable[[], float] = time.time,
-                 sleep: Callable[[float], None] = time.sleep, store=None):
-        self.run, self.launch_id, self.stale_s = run, launch_id, stale_s
-        self.clock, self.sleep = clock, sleep
-        self.store = store if store is not None else _store(run)
-
-    def _holder(self) -> Holder:
-        current = self.store.read()
-        holder = Holder.parse(current[0]) if current else None
-        if holder is None or holder.launch_id != self.launch_id:
-            who = f"another launch holds it ({holder.describe(self.clock())})" if holder else "it is gone"
-            raise LeaseLost(f"lost the lease on run {self.run.uri}: {who}; this launch "
-                            f"({self.launch_id[:12]}) writes nothing more to the run")
-        return holder
-
-    @contextmanager
-    def __call__(self):
-        if isinstance(self.store, _LocalStore):
-            with self.store._locked():
-                self._holder()
-                yield
-            return
-        while True:
-            age = self.clock() - self._holder().heartbeat
-            if age <= self.stale_s / 2:
-                break
-            if age > self.stale_s:
-                raise LeaseLost(f"the lease on run {self.run.uri} was last refreshed {age:.0f}s ago, "
-                                f"past checkpoint.lease_stale_s ({self.stale_s:g}s): another launch may "
-                                "take the run over, so this launch writes nothing more to it")
-            self.sleep(min(1.0, self.stale_s / 20))
-        yield

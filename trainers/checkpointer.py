@@ -54,7 +54,7 @@ from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from storage import manifest, transfer
-from storage.lease import Fence
+from storage.fence import Fence
 from storage.location import resolve
 from storage.names import CheckpointName
 from trainers import sharded, snapshots, stopping

@@ -20,7 +20,8 @@ import time
 from configs import load
 from data.index import DataIndex
 from storage import manifest, transfer
-from storage.lease import Fence, Lease, LeaseLost
+from storage.fence import Fence, LeaseLost
+from storage.lease import Lease
 from storage.location import resolve
 from trainers.commit import Committer
 from trainers.launch_plan import LaunchPlan

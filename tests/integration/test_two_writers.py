@@ -16,7 +16,7 @@ import threading
 import pytest
 
 from storage import gcs as gcs_api
-from storage import manifest, transfer
+from storage import manifest, marker, transfer
 from storage.location import resolve
 from storage.manifest import CheckpointError
 
@@ -55,9 +55,10 @@ class Schedule:
         self.go: list[threading.Semaphore] = []
         self.back = threading.Semaphore(0)
         self.done: list[bool] = []
-        for step in STEPS:
-            real = getattr(transfer, step)
-            monkeypatch.setattr(transfer, step, self._gated(real))
+        for module in (transfer, marker):  # each step wherever a caller looks it up
+            for step in STEPS:
+                if hasattr(module, step):
+                    monkeypatch.setattr(module, step, self._gated(getattr(module, step)))
 
     def _gated(self, real):
         def gated(*args, **kwargs):
@@ -163,10 +164,10 @@ def _verdict(dest, outcomes) -> str:
     """What a reader finds: incomplete (no commit, or a listed file missing), or complete with
     every listed file's sha256 right and all of one writer's. A listed file that is there with
     other bytes is the failure this test is about."""
-    marker = transfer.read_marker(dest)
-    if marker.kind != "commit":
+    found = transfer.read_marker(dest)
+    if found.kind != "commit":
         return "incomplete"
-    listed = json.loads(marker.version if isinstance(marker.version, bytes) else
+    listed = json.loads(found.version if isinstance(found.version, bytes) else
                         _stored_bytes(dest, "metadata.json"))["files"]
     stored = {rel: _stored_bytes(dest, rel) for rel in listed}
     if any(data is None for data in stored.values()):

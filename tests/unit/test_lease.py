@@ -336,7 +336,7 @@ def test_the_fence_without_a_lock_needs_a_heartbeat_younger_than_half_of_stale_s
     """Without a lock spanning the check and the change (GCS), the fence lets a change through
     only while a takeover is at least stale_s / 2 away; an older heartbeat is waited for, and
     past stale_s, or another launch's lease, refuses (LeaseLost) and runs nothing."""
-    from storage.lease import Fence, LeaseLost
+    from storage.fence import Fence, LeaseLost
 
     clock = Clock()
     store = _Remote(Holder("launch-a", "h", 1, clock.t, clock.t, "w"))
@@ -368,7 +368,7 @@ def test_the_fence_without_a_lock_needs_a_heartbeat_younger_than_half_of_stale_s
 
 def test_the_fence_on_local_disk_holds_the_lease_lock(run):
     """On local disk the fenced block runs under the lease's lock: a takeover waits for it."""
-    from storage.lease import Fence, LeaseLost
+    from storage.fence import Fence, LeaseLost
 
     clock = Clock()
     a = lease(run, "launch-a", clock)
