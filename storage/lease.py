@@ -6,15 +6,18 @@ under the same driver, so they keep it). A second launch finds a fresh lease and
 a lease whose heartbeat is older than ``stale_s`` was left by a killed job and is taken over.
 So is, at once, a fresh lease whose holder ran on this host (same host name and pid
 namespace) and whose pid is gone: a job killed with SIGKILL, relaunched here.
-The job deletes its lease at the end, only if it is still its own.
+The job deletes its lease at the end, only if it is still its own. A holder whose refreshes
+have failed for longer than ``stale_s`` (cut off from storage) stops its launch, as one whose
+lease was taken over does: by then another launch may own the run. Its workers check the
+lease themselves before every change they make to the run (storage/fence.py).
 
 Every change is a compare-and-swap against the version that was read, so two launches can
 never both believe they own the run:
 
 - GCS: create with ``if_generation_match=0``; refresh, take over and delete with
   ``if_generation_match=<generation read>``. The server decides; one writer wins. (The test
-  emulator, fake-gcs-server, enforces this on uploads but not on deletes or reads; a release
-  reads the lease back first, so even there it deletes only a lease that looked like its own.)
+  emulator, storage/emulator.py, enforces it on uploads and deletes; a release also reads the
+  lease back first, so it deletes only a lease that looked like its own.)
 - Local disk: create by hard-linking a fully written temp file to the lease name (atomic, never
   replaces, and a reader never sees a half-written lease). Replace and delete happen under an
   exclusive ``flock`` on ``{run}/.lease.lock``, after checking that the lease is still the
@@ -45,7 +48,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from storage.location import Location, join
-from storage.transfer import link_create_only
+from storage.marker import link_create_only
 
 LEASE = ".lease.json"
 LOCK = ".lease.lock"
@@ -425,13 +428,26 @@ class Lease:
         again; a lost lease calls on_lost(reason) once and ends the thread."""
 
         def beat() -> None:
+            last_ok = self.clock()
             while not self._stop.wait(self.heartbeat_s):
                 try:
                     ok = self.refresh()
                 except Exception as e:  # noqa: BLE001 - storage hiccup: the next beat retries
-                    self.log(f"⚠️  Lease heartbeat on {self.run.uri} failed "
-                             f"({type(e).__name__}); retrying in {self.heartbeat_s:g}s")
-                    continue
+                    failing = self.clock() - last_ok
+                    if failing <= self.stale_s:
+                        self.log(f"⚠️  Lease heartbeat on {self.run.uri} failed "
+                                 f"({type(e).__name__}); retrying in {self.heartbeat_s:g}s")
+                        continue
+                    # Past stale_s another launch may take the run: stop before it does (the
+                    # workers' fence already refuses to commit on a lease this old).
+                    with self._mutex:
+                        self._version = None
+                        self.lost = (f"could not refresh the lease on run {self.run.uri} for "
+                                     f"{failing:.0f}s (checkpoint.lease_stale_s = {self.stale_s:g}s; "
+                                     f"last error {type(e).__name__}), so another launch may take the run over")
+                    ok = False
+                if ok:
+                    last_ok = self.clock()
                 if not ok:
                     if on_lost is not None and self.lost:
                         on_lost(self.lost)
@@ -446,3 +462,4 @@ class Lease:
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=self.heartbeat_s + 15)
         self._thread = None
+

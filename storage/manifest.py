@@ -305,6 +305,9 @@ def check(loc: Location, verify_hashes: bool = False) -> CheckResult:
         return CheckResult(Status.CORRUPT, f"{METADATA} is unreadable: {type(e).__name__}: {e}")
     if not isinstance(metadata, dict):
         return CheckResult(Status.CORRUPT, f"{METADATA} is unreadable: not a JSON object")
+    if "claimed_by" in metadata and "files" not in metadata:  # storage/transfer.py's claim
+        return CheckResult(Status.INCOMPLETE, f"{METADATA} is launch {str(metadata['claimed_by'])[:12]}'s "
+                           "claim: being written, not committed")
     if "files" not in metadata:
         return CheckResult(Status.CORRUPT, f"{METADATA} is unreadable: it has no file list")
     # Untrusted until here: a corrupt checkpoint's metadata is not handed on (no caller sees it).

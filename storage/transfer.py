@@ -6,21 +6,29 @@ and a delete removes metadata.json first. A crash at any point leaves a folder t
 incomplete, never one that passes for whole. metadata.json is created only where none is (a
 hard link on local disk, ``if_generation_match=0`` on GCS, where a rename is not atomic), so a
 checkpoint is never overwritten, not even by a second writer racing the first.
+
+Two launches can write the same checkpoint name before either commits (a killed or taken-over
+launch and its successor): see storage/marker.py for the claim that makes the loser unable to
+commit, and ``not_written_by`` for the commit's check that every listed file in storage is the
+very object its rank wrote (GCS generation and MD5 from one listing, no download; locally inode
+and mtime; elsewhere sha256).
 """
 
 from __future__ import annotations
 
-import errno
+import json
 import os
 import shutil
 import uuid
 from collections.abc import Callable
+from contextlib import nullcontext
 
 import pyarrow.fs as pafs
 
 from storage import gcs
 from storage.location import Location, exists, join
 from storage.manifest import CHUNK, METADATA, CheckpointError, check, rel_name_problem, sha256_file
+from storage.marker import Fence, claim, commit, link_create_only, lock_path, locked, read_marker
 
 
 def upload(local_dir: str, dest: Location) -> None:
@@ -31,75 +39,128 @@ def upload(local_dir: str, dest: Location) -> None:
     ``if_generation_match=0`` on GCS), so of two writers that both got past the first look,
     the second fails loudly at its commit instead of replacing the first's.
     """
-    upload_files(local_dir, dest)
+    writer = uuid.uuid4().hex
+    stored = upload_files(local_dir, dest, writer)
     with open(os.path.join(local_dir, METADATA), "rb") as f:
-        commit(dest, f.read())
+        metadata = f.read()
+    files = json.loads(metadata)["files"]
+    changed = not_written_by(dest, files, stored)
+    if changed:
+        raise CheckpointError(f"{dest.uri}/{changed[0]} is not the file this writer uploaded")
+    commit(dest, metadata, writer)
 
 
-def upload_files(local_dir: str, dest: Location) -> None:
+def _fenced(fence: Fence | None):
+    return fence() if fence is not None else nullcontext()
+
+
+def upload_files(local_dir: str, dest: Location, writer: str | None = None,
+                 fence: Fence | None = None) -> dict[str, dict | None]:
     """Copy every file of local_dir but metadata.json into dest (one rank's part of a checkpoint;
     the commit comes after every rank's). Refused where dest is already committed, and no file
-    is ever written over another's (_put_create_only): a second launch writing the same name (one
-    whose lease was taken over while its workers still upload) cannot change a checkpoint the
-    other committed."""
-    if exists(dest.fs, join(dest.path, METADATA)):
-        raise CheckpointError(f"refusing to overwrite the existing checkpoint {dest.uri}")
+    is ever written over another's (_put_create_only). writer: this launch's id (its claims);
+    fence: checked before anything is written (a launch that lost the run's lease writes
+    nothing) and held for every removal of another writer's file.
+
+    Returns {rel: identity} of the objects now holding this writer's bytes, which the commit
+    checks (not_written_by)."""
+    writer = writer or uuid.uuid4().hex
+    with _fenced(fence):
+        if read_marker(dest).kind == "commit":
+            raise CheckpointError(f"refusing to overwrite the existing checkpoint {dest.uri}")
     dest.fs.create_dir(dest.path, recursive=True)
     rels = []
     for root, _, names in os.walk(local_dir):
         for name in names:
             rels.append(os.path.relpath(os.path.join(root, name), local_dir).replace(os.sep, "/"))
+    stored = {}
     for rel in sorted(r for r in rels if r != METADATA):
         if "/" in rel:
             dest.fs.create_dir(join(dest.path, rel.rsplit("/", 1)[0]), recursive=True)
-        _put_create_only(os.path.join(local_dir, rel), dest, rel)
+        stored[rel] = _put_create_only(os.path.join(local_dir, rel), dest, rel, writer, fence)
+    return stored
 
 
-def _put_create_only(source: str, dest: Location, rel: str) -> None:
-    """source's bytes at dest/rel, never replacing a file of a committed checkpoint.
+def _put_create_only(source: str, dest: Location, rel: str, writer: str,
+                     fence: Fence | None) -> dict | None:
+    """source's bytes at dest/rel, never replacing a file of a committed checkpoint; the
+    identity of the object that holds them.
 
     Created only where nothing is, or the same bytes are (this writer's retry). A different
-    file in a folder that is not committed was left by a writer that lost the run (a killed or
-    taken-over launch): it is removed and the create tried once more; losing again means a
-    writer is still at work there, and this one stops (CheckpointError). Once committed, a
-    folder's files can never change: every writer creates, none overwrites.
+    file was left by another writer of this name (a killed or taken-over launch): this writer
+    claims the folder (claim: refused if it is committed, or claimed by a launch that may still
+    commit), removes that file, the version seen only, and creates its own once more; losing
+    again means a writer is still at work there, and this one stops (CheckpointError).
     """
     target = join(dest.path, rel)
     for attempt in range(2):
         try:
-            if dest.is_gcs:
-                gcs.upload_create_only(target, source)
-            elif dest.is_local:
-                _copy_create_only(source, target)
-            else:  # no create-only primitive in pyarrow's generic API: look, then copy
-                if exists(dest.fs, target):
-                    raise FileExistsError(target)
-                pafs.copy_files(source, target, source_filesystem=pafs.LocalFileSystem(),
-                                destination_filesystem=dest.fs, chunk_size=CHUNK)
-            return
+            return _create(source, dest, target)
         except FileExistsError:
-            if exists(dest.fs, join(dest.path, METADATA)):
-                raise CheckpointError(f"refusing to overwrite the existing checkpoint {dest.uri} "
-                                      f"(another writer committed it while this one uploaded)") from None
             if attempt == 1:
                 raise CheckpointError(f"{dest.uri}/{rel} is being written by another writer of this "
                                       "checkpoint; this one writes nothing over it") from None
-            if dest.is_gcs:
-                gcs.delete_if_generation(target)
-            else:
-                dest.fs.delete_file(target)
+            claim(dest, writer, fence)
+            seen = _identity(dest, target)
+            if seen is not None:
+                with _fenced(fence):
+                    _delete_seen(dest, target, seen)
+    raise AssertionError("unreachable")
 
 
-def _copy_create_only(source: str, target: str) -> None:
+def _create(source: str, dest: Location, target: str) -> dict | None:
+    if dest.is_gcs:
+        return gcs.upload_create_only(target, source)
+    if dest.is_local:
+        return _copy_create_only(source, target)
+    if exists(dest.fs, target):  # no create-only primitive in pyarrow's generic API: look, then copy
+        raise FileExistsError(target)
+    pafs.copy_files(source, target, source_filesystem=pafs.LocalFileSystem(),
+                    destination_filesystem=dest.fs, chunk_size=CHUNK)
+    return None
+
+
+def _local_identity(st: os.stat_result) -> dict:
+    return {"inode": st.st_ino, "mtime_ns": st.st_mtime_ns, "size": st.st_size}
+
+
+def _identity(dest: Location, path: str) -> dict | None:
+    """The identity of the object at path now (None: nothing there, or no identity here)."""
+    if dest.is_gcs:
+        return gcs.stat(path)
+    if dest.is_local:
+        try:
+            return _local_identity(os.stat(path))
+        except FileNotFoundError:
+            return None
+    return {} if exists(dest.fs, path) else None
+
+
+def _delete_seen(dest: Location, path: str, seen: dict) -> None:
+    """Delete path only if it is still the object seen (a newer write is kept)."""
+    if dest.is_gcs:
+        gcs.delete_generation(path, seen["generation"])
+    elif dest.is_local:
+        with locked(lock_path(dest)):  # every removal here takes it; a link never replaces
+            if _identity(dest, path) == seen:
+                os.unlink(path)
+    else:
+        dest.fs.delete_file(path)
+
+
+def _copy_create_only(source: str, target: str) -> dict:
     """source's bytes appear at target whole (a temp file, then a hard link), only where nothing
-    is or the same bytes are; FileExistsError otherwise."""
+    is or the same bytes are; FileExistsError otherwise. The identity of the file now there."""
     tmp = f"{target}.{uuid.uuid4().hex}.tmp"
     shutil.copyfile(source, tmp)
     try:
         link_create_only(tmp, target)
+        return _local_identity(os.stat(tmp))  # the same inode as target's
     except FileExistsError:
-        if os.path.getsize(target) != os.path.getsize(source) or sha256_file(target) != sha256_file(source):
+        there = os.stat(target)
+        if there.st_size != os.path.getsize(source) or sha256_file(target) != sha256_file(source):
             raise
+        return _local_identity(there)
     finally:
         os.unlink(tmp)
 
@@ -113,50 +174,33 @@ def missing_or_wrong_size(dest: Location, files: dict) -> list[str]:
     return sorted(rel for rel, entry in files.items() if found.get(rel) != entry["size"])
 
 
-def commit(dest: Location, metadata_json: bytes) -> None:
-    """Write dest's metadata.json, the commit marker, create-only: CheckpointError if one is
-    there already (a checkpoint is never overwritten, not even by a racing second writer)."""
-    final = join(dest.path, METADATA)
-    try:
-        if dest.is_gcs:
-            gcs.write_create_only(final, metadata_json)
-            return
-        # Never a fixed temp name: two writers of one checkpoint must not share (or move) it.
-        tmp = join(dest.path, f"{METADATA}.{uuid.uuid4().hex}.tmp")
-        with dest.fs.open_output_stream(tmp) as out:
-            out.write(metadata_json)
-        try:
-            if dest.is_local:
-                link_create_only(tmp, final)
-            else:  # no create-only primitive in pyarrow's generic API: check, then rename
-                if exists(dest.fs, final):
-                    raise FileExistsError(final)
-                dest.fs.move(tmp, final)
-        finally:
-            if exists(dest.fs, tmp):
-                dest.fs.delete_file(tmp)
-    except FileExistsError:
-        raise CheckpointError(f"refusing to overwrite the existing checkpoint {dest.uri}") from None
+def not_written_by(dest: Location, files: dict, stored: dict[str, dict | None]) -> list[str]:
+    """Which of files ({rel: {size, sha256, md5}}) in dest are not the objects their writers
+    uploaded (stored: {rel: identity} as upload_files returned them): missing, replaced, or
+    other bytes. GCS: generation and MD5 from one listing, no download; locally inode, mtime and
+    size; where there is no identity, the sha256 of what is there (a read)."""
+    bad = set(missing_or_wrong_size(dest, files))
+    there = gcs.identities(dest.path) if dest.is_gcs else {}
+    for rel, entry in files.items():
+        if rel in bad:
+            continue
+        mine = stored.get(rel)
+        if dest.is_gcs and mine:
+            now = there.get(rel)
+            ok = bool(now) and now["generation"] == mine["generation"] and now["md5"] == entry.get("md5", now["md5"])
+        elif dest.is_local and mine:
+            ok = _identity(dest, join(dest.path, rel)) == mine
+        else:
+            with dest.fs.open_input_stream(join(dest.path, rel)) as f:
+                import hashlib
 
-
-def link_create_only(tmp: str, final: str) -> None:
-    """Make the whole file tmp appear at final, only if nothing is there (FileExistsError).
-
-    A hard link is atomic and never replaces (a rename would): of two writers, one loses loudly
-    and the winner's metadata.json stays. Where links are not supported, an O_EXCL create.
-    """
-    try:
-        os.link(tmp, final)
-    except FileExistsError:
-        raise
-    except OSError as e:
-        if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
-            raise
-        with open(tmp, "rb") as f:
-            data = f.read()
-        fd = os.open(final, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
+                digest = hashlib.sha256()
+                while chunk := f.read(CHUNK):
+                    digest.update(chunk)
+            ok = digest.hexdigest() == entry["sha256"]
+        if not ok:
+            bad.add(rel)
+    return sorted(bad)
 
 
 def delete(loc: Location) -> None:

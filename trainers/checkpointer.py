@@ -54,6 +54,7 @@ from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from storage import manifest, transfer
+from storage.fence import Fence
 from storage.location import resolve
 from storage.names import CheckpointName
 from trainers import sharded, snapshots, stopping
@@ -188,7 +189,9 @@ class Checkpointer:
         # Every rank persists its checkpoints in the same order, so DCP's and the gather's
         # collectives line up; at most one staged copy waits while the previous one uploads.
         self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
-        self.committer = Committer(plan) if rank == 0 else None
+        # Every change to the run checks that its lease is still this launch's (storage/lease.py).
+        self.fence = Fence(self.run, plan.launch_id, plan.config.checkpoint.lease_stale_s)
+        self.committer = Committer(plan, fence=self.fence) if rank == 0 else None
         self.tracking = None  # the loop's trainers/tracking.Tracking, once it exists
         self.pending: list[tuple[str, object]] = []  # (name, future) saved, not yet committed
         self.saved: list[str] = []  # every name this attempt saved (rank 0 tells the driver)
@@ -402,15 +405,16 @@ class Checkpointer:
             written = time.time()
             files = manifest.digest_folder(pending.folder)
             existing = manifest.check(dest)
+            stored = None
             if existing.ok and existing.metadata.get("launch_id") == self.plan.launch_id:
                 # A retry regenerated a checkpoint this launch already committed: same state, keep it.
                 self.say(f"☁️  {name} is already in storage from this run; keeping it")
             else:
-                transfer.upload_files(pending.folder, dest)
+                stored = transfer.upload_files(pending.folder, dest, self.plan.launch_id, self.fence)
         finally:
             shutil.rmtree(pending.folder, ignore_errors=True)
         report = {"rank": self.rank, "world_size": self.world, "files": files, "write_s": write_s,
-                  "upload_s": time.time() - written}
+                  "upload_s": time.time() - written, "stored": stored}
         if commit_fields is not None:
             report["commit"] = commit_fields
         reports = [report]

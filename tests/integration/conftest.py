@@ -86,6 +86,20 @@ def assert_curves_match(folder: Path, losses: list, last: int) -> None:
     assert [v for _, v in curves["train/loss"]] == [float(np.float32(v)) for _, v in losses]
 
 
+def assert_same_grad_norms(folder: Path, reference: Path, last: int, rel: float = 1e-4) -> None:
+    """train/grad_norm at steps 1..last in folder equals reference's within a relative rel: both
+    must log the global norm (an fsdp run's from its sharded gradients, a ddp run's from its
+    whole ones), so a rank-local or unreduced norm fails here, not only a missing step."""
+    import math
+
+    ours, theirs = (dict(scalars(f)["train/grad_norm"]) for f in (folder, reference))
+    steps = list(range(1, last + 1))
+    assert all(s in ours and s in theirs for s in steps), (sorted(ours), sorted(theirs))
+    assert all(math.isfinite(ours[s]) and ours[s] > 0 for s in steps), ours
+    off = [(s, ours[s], theirs[s]) for s in steps if abs(ours[s] - theirs[s]) > rel * abs(theirs[s])]
+    assert not off, f"grad norms differ beyond a relative {rel}: (step, {folder.name}, reference) {off[:5]}"
+
+
 def audit(folder: Path) -> list[dict]:
     records = []
     for f in sorted(folder.glob("rank*.jsonl")):

@@ -68,6 +68,16 @@ def test_fsdp_stop_and_resume_is_bitwise_equal_to_straight(fsdp_runs):
     assert any(not torch.equal(first[k], a[k]) for k in a)  # it trained
 
 
+def test_fsdp_logs_the_global_grad_norm_as_ddp_does(fsdp_runs, runs):
+    """The same 24 steps on the same data under fsdp and ddp (the shared straight runs): the
+    logged gradient norm is the global one under both, equal within a relative 1e-4 (only the
+    order of the reductions differs)."""
+    from conftest import assert_same_grad_norms
+
+    assert_same_grad_norms(fsdp_runs.storage / "fsdp-straight" / "tensorboard",
+                           runs.storage / "straight" / "tensorboard", 24)
+
+
 def test_export_gives_the_trained_weights(fsdp_runs, tmp_path):
     """The exported model.safetensors, loaded into a plain GPT in this process, gives the
     validation loss the sharded run measured at that step."""

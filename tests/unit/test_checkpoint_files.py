@@ -9,7 +9,7 @@ import os
 import pyarrow.fs as pafs
 import pytest
 
-from storage import gcs, listing, manifest, transfer
+from storage import gcs, listing, manifest, marker, transfer
 from storage.location import Location, resolve
 from storage.manifest import CheckpointError, Status
 from storage.names import CheckpointName
@@ -129,7 +129,7 @@ def test_upload_copies_every_file_and_metadata_last(tmp_path, monkeypatch):
     meta = make_local(local, FLAT)
     dest = resolve(str(tmp_path / "run")).child("checkpoint-epoch0-step8-files2")
     dest_dir = tmp_path / "run" / "checkpoint-epoch0-step8-files2"
-    link = transfer.link_create_only  # on local disk metadata.json appears through a hard link
+    link = marker.link_create_only  # on local disk metadata.json appears through a hard link
     commits = []
 
     def recorded_link(tmp, final):  # what a reader finds the moment before metadata.json appears
@@ -139,7 +139,7 @@ def test_upload_copies_every_file_and_metadata_last(tmp_path, monkeypatch):
                             os.path.exists(final)))
         link(tmp, final)
 
-    monkeypatch.setattr(transfer, "link_create_only", recorded_link)
+    monkeypatch.setattr(marker, "link_create_only", recorded_link)
     transfer.upload(str(local), dest)
     assert len(commits) == 1  # the commit marker appears once, and last
     final, present, already = commits[0]
@@ -191,16 +191,16 @@ def test_a_second_writer_never_changes_a_checkpoint_the_first_committed(tmp_path
     make_local(theirs, {rel: data + b" (another state)" for rel, data in FLAT.items()})
     dest = resolve(str(tmp_path / "run")).child("checkpoint-epoch0-step8-files2")
     transfer.upload(str(ours), dest)
-    looked = transfer.exists
+    looked = transfer.read_marker
     first_look = [True]
 
-    def stale_first_look(fs, path):  # what the loser saw before the winner committed
-        if path.endswith("/metadata.json") and first_look:
+    def stale_first_look(at):  # what the loser saw before the winner committed
+        if first_look:
             first_look.pop()
-            return False
-        return looked(fs, path)
+            return marker.Marker("absent")
+        return looked(at)
 
-    monkeypatch.setattr(transfer, "exists", stale_first_look)
+    monkeypatch.setattr(transfer, "read_marker", stale_first_look)
     with pytest.raises(CheckpointError, match="refusing to overwrite the existing checkpoint"):
         transfer.upload_files(str(theirs), dest)
     result = manifest.check(dest, verify_hashes=True)
@@ -235,43 +235,6 @@ def test_upload_to_a_non_local_filesystem(tmp_path):
     for rel, data in FLAT.items():
         assert (tmp_path / "bucket" / "runs/r/checkpoint-epoch0-step8-files2" / rel).read_bytes() == data
     assert manifest.check(dest, verify_hashes=True).ok
-
-
-def test_upload_commit_on_gcs_is_create_only_and_last(tmp_path, monkeypatch):
-    """The GCS branch, with the create-only write faked: metadata.json goes last, through it."""
-    local = tmp_path / "local"
-    make_local(local, FLAT)
-    dest = resolve(str(tmp_path / "run")).child("checkpoint-epoch0-step8-files2")
-    dest_dir = tmp_path / "run" / "checkpoint-epoch0-step8-files2"
-    events = []
-    monkeypatch.setattr(Location, "is_gcs", property(lambda self: True))
-
-    def create_only(path, data):
-        events.append((path, data, files_in(dest_dir)))
-
-    monkeypatch.setattr(gcs, "write_create_only", create_only)
-    uploads = []
-
-    def upload_create_only(path, local_file):  # the data files: create-only too, stand-in on disk
-        uploads.append(path)
-        transfer._copy_create_only(local_file, path)
-
-    monkeypatch.setattr(gcs, "upload_create_only", upload_create_only)
-    transfer.upload(str(local), dest)
-    assert sorted(uploads) == sorted(dest.path + "/" + rel for rel in FLAT)
-    assert len(events) == 1
-    path, data, present = events[0]
-    assert path == dest.path + "/metadata.json"
-    assert data == (local / "metadata.json").read_bytes()
-    assert present == FLAT  # every data file was whole before the commit
-    assert files_in(dest_dir) == FLAT  # metadata.json went only through the create-only write
-
-    def lost_race(path, data):
-        raise FileExistsError(path)
-
-    monkeypatch.setattr(gcs, "write_create_only", lost_race)
-    with pytest.raises(CheckpointError, match="refusing to overwrite"):
-        transfer.upload(str(local), resolve(str(tmp_path / "run2")))
 
 
 def test_upload_nested_files_to_local_storage(tmp_path):
@@ -816,14 +779,14 @@ def test_a_second_writer_that_passed_the_first_check_fails_at_the_commit(tmp_pat
         dest = Location(fs, "run/checkpoint-epoch0-step8-files2", "sub://run/x")
     transfer.upload(str(first), dest)
     winner = (dest_dir / "metadata.json").read_bytes()
-    real_exists = transfer.exists
+    real_look = transfer.read_marker
     calls = []
 
-    def stale_exists(fs, path):  # the second writer's first look happened before the commit
-        calls.append(path)
-        return False if len(calls) == 1 else real_exists(fs, path)
+    def stale_look(at):  # the second writer's first look happened before the commit
+        calls.append(at)
+        return marker.Marker("absent") if len(calls) == 1 else real_look(at)
 
-    monkeypatch.setattr(transfer, "exists", stale_exists)
+    monkeypatch.setattr(transfer, "read_marker", stale_look)
     with pytest.raises(CheckpointError, match="refusing to overwrite"):
         transfer.upload(str(second), dest)
     assert (dest_dir / "metadata.json").read_bytes() == winner

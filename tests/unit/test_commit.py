@@ -88,3 +88,24 @@ def test_ddp_commits_rank_0s_files_alone(tmp_path):
     assert Committer(_plan(tmp_path, "ddp")).commit(NAME, reports)
     result = manifest.check(resolve(str(tmp_path / "run" / NAME)), verify_hashes=True)
     assert result.ok and result.metadata["strategy"] == "ddp" and "shards" not in result.metadata
+
+
+@pytest.mark.parametrize("stored", [True, False], ids=["identities", "hashes"])
+def test_a_same_size_file_of_another_writer_is_never_committed(tmp_path, capsys, stored):
+    """Rank 1 uploaded its shard; then another writer of the same name put a file of the same
+    size and other bytes in its place (today's race). Sizes agree; the commit checks that the
+    file is the object rank 1 uploaded (its inode here: identities), or, where a report has no
+    identity, its sha256, and leaves the checkpoint incomplete."""
+    from storage import transfer
+
+    reports = [_upload(tmp_path, RANK0, 0), _upload(tmp_path, RANK1, 1)]
+    dest = resolve(str(tmp_path / "run" / NAME))
+    for report in reports:
+        if stored:
+            report["stored"] = transfer.upload_files(str(tmp_path / f"local{report['rank']}"), dest, "L" * 32)
+    shard = tmp_path / "run" / NAME / "__1_0.distcp"
+    shard.unlink()
+    shard.write_bytes(b"x" * len(RANK1["__1_0.distcp"]))  # another writer's, same size
+    assert not Committer(_plan(tmp_path)).commit(NAME, reports)
+    assert not os.path.exists(tmp_path / "run" / NAME / "metadata.json")
+    assert "__1_0.distcp in storage is not the file its rank uploaded" in capsys.readouterr().out

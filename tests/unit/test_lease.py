@@ -280,3 +280,108 @@ def test_a_fresh_lease_of_a_killed_process_on_this_host_is_taken_over_at_once(ru
         with pytest.raises(LeaseHeld):
             relaunch.acquire()
         assert said == [] and not relaunch.held
+
+
+class _StopsAnswering(_LocalStore):
+    """The lease on local disk, until `down`: then every write fails (a storage cut off)."""
+
+    down = False
+
+    def replace(self, data, version):
+        if self.down:
+            raise OSError("storage does not answer")
+        return super().replace(data, version)
+
+
+def test_a_holder_that_cannot_refresh_within_stale_s_stops_its_run(run):
+    """Refreshes that keep failing are retried while the lease may still be fresh; once they
+    have failed for longer than stale_s, another launch may take the run, so the holder stops
+    (on_lost, as a lost lease) instead of running on."""
+    clock = Clock()
+    store = _StopsAnswering(run.path)
+    lost: list = []
+    said: list = []
+    a = lease(run, "launch-a", clock, log=said.append, heartbeat_s=0.01, store=store)
+    a.acquire()
+    store.down = True
+    a.start_heartbeat(on_lost=lost.append)
+    for _ in range(500):
+        if said:
+            break
+        threading.Event().wait(0.01)
+    clock.t += 100  # within stale_s (120): retried
+    threading.Event().wait(0.2)
+    assert not lost and "Lease heartbeat on" in said[0] and "retrying" in said[0]
+    clock.t += 30  # 130 s without a refresh
+    for _ in range(500):
+        if lost:
+            break
+        threading.Event().wait(0.01)
+    assert len(lost) == 1 and "could not refresh the lease on run" in lost[0] and "130s" in lost[0]
+    assert a.lost == lost[0] and not a.held
+    a.stop_heartbeat()
+
+
+class _Remote:
+    """A lease store without a lock (as on GCS): what read() answers is set by the test."""
+
+    def __init__(self, holder):
+        self.holder = holder
+
+    def read(self):
+        return (self.holder.to_bytes(), 1) if self.holder else None
+
+
+def test_the_fence_without_a_lock_needs_a_heartbeat_younger_than_half_of_stale_s(run):
+    """Without a lock spanning the check and the change (GCS), the fence lets a change through
+    only while a takeover is at least stale_s / 2 away; an older heartbeat is waited for, and
+    past stale_s, or another launch's lease, refuses (LeaseLost) and runs nothing."""
+    from storage.fence import Fence, LeaseLost
+
+    clock = Clock()
+    store = _Remote(Holder("launch-a", "h", 1, clock.t, clock.t, "w"))
+    slept: list = []
+
+    def sleep(s):  # the driver's heartbeat lands while the fence waits
+        slept.append(s)
+        store.holder = Holder("launch-a", "h", 1, clock.t, clock.t, "w2")
+
+    fence = Fence(run, "launch-a", 120, clock=clock, sleep=sleep, store=store)
+    ran = []
+    with fence():
+        ran.append("fresh")
+    clock.t += 61  # older than stale_s / 2: wait for a heartbeat
+    with fence():
+        ran.append("after a wait")
+    assert ran == ["fresh", "after a wait"] and len(slept) == 1
+    clock.t += 121  # past stale_s: another launch may hold the run by now
+    with pytest.raises(LeaseLost, match="past checkpoint.lease_stale_s"), fence():
+        ran.append("stale")
+    store.holder = Holder("launch-b", "h", 1, clock.t, clock.t, "w3")
+    with pytest.raises(LeaseLost, match="another launch holds it"), fence():
+        ran.append("taken")
+    store.holder = None
+    with pytest.raises(LeaseLost, match="it is gone"), fence():
+        ran.append("gone")
+    assert ran == ["fresh", "after a wait"]
+
+
+def test_the_fence_on_local_disk_holds_the_lease_lock(run):
+    """On local disk the fenced block runs under the lease's lock: a takeover waits for it."""
+    from storage.fence import Fence, LeaseLost
+
+    clock = Clock()
+    a = lease(run, "launch-a", clock)
+    a.acquire()
+    fence = Fence(run, "launch-a", 120, clock=clock)
+    clock.t += 500  # stale: a taker may come, but not while the block runs
+    b = lease(run, "launch-b", clock)
+    took = threading.Event()
+    with fence():
+        t = threading.Thread(target=lambda: (b.acquire(), took.set()))
+        t.start()
+        assert not took.wait(0.3)
+    t.join(5)
+    assert took.is_set()
+    with pytest.raises(LeaseLost), fence():
+        pass
