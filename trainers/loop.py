@@ -146,22 +146,26 @@ def train_loop(plan: LaunchPlan) -> None:
             tracker.log({"val/loss": val_loss}, state.step)
             state.best_val_loss = min(state.best_val_loss, val_loss)
         notice = preemption.notice(state.step)
+        # A stop keeps checkpoint.drain_timeout_s from here to the attempt's end
+        deadline = time.monotonic() + cfg.checkpoint.drain_timeout_s if stop and not last else None
         if state.step % cfg.checkpoint.every == 0 or last or notice is not None or stop:  # stop: keep this step
-            checkpointer.save(state, order.files_done(state.samples_in_epoch), preempted=notice is not None)
+            checkpointer.save(state, order.files_done(state.samples_in_epoch), preempted=notice is not None,
+                              deadline=deadline)
         if notice is not None:
             # the preemption's checkpoint is committed before anything else can be dropped
             checkpointer.drain(cfg.checkpoint.drain_timeout_s)
             if not last:
                 preemption.hold(notice)
-        if stop and not last:
-            _stop(checkpointer, state, cfg, say, rank)
+        if deadline is not None:
+            _stop(checkpointer, state, cfg, say, rank, deadline)
             break
 
     # --- finish ---------------------------------------------------------------------------
     bar.close()
-    checkpointer.drain(None)  # every checkpoint saved is committed before the attempt ends
+    if deadline is None:
+        checkpointer.drain(None)  # every checkpoint saved is committed before the attempt ends
     checkpointer.close()
-    tracker.end()
+    tracker.end(None if deadline is None else max(1.0, deadline - time.monotonic()))
     trained = state.step - progress_initial
     if first_step_at is not None and trained > 1:
         rate = (trained - 1) / (time.time() - first_step_at)
@@ -196,13 +200,19 @@ class _Stream:
         return next(self.batches, None)
 
 
-def _stop(checkpointer, state, cfg: Config, say, rank: int) -> None:
-    """A graceful stop (trainers/stopping.py): finish the checkpoints already saved, then end."""
+def _stop(checkpointer, state, cfg: Config, say, rank: int, deadline: float) -> None:
+    """A graceful stop (trainers/stopping.py): finish the checkpoints already saved until the
+    deadline, then abandon the rest: none of them is committed after the line that says so."""
     todo = checkpointer.unfinished()
     say(f"\n🛑 Stop requested: stopped after step {state.step} (saved); finishing {len(todo)} checkpoint(s) "
         f"saved and not yet committed (up to {cfg.checkpoint.drain_timeout_s:g}s; Ctrl-C again to stop at once)")
     started = time.time()
-    left = checkpointer.drain(cfg.checkpoint.drain_timeout_s, show=rank == 0)
+    left = checkpointer.drain(max(0.0, deadline - time.monotonic()), show=rank == 0)
+    if left:
+        left, under_way = checkpointer.abandon()
+        if under_way:
+            say(f"🛑 {under_way}'s commit was under way at checkpoint.drain_timeout_s: it is whole only if "
+                "its metadata.json landed")
     if left:
         say(f"🛑 {len(left)} checkpoint(s) not finished within checkpoint.drain_timeout_s: "
             f"{', '.join(left)} stay incomplete and are never resumed")

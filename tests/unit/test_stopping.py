@@ -49,6 +49,15 @@ def test_every_attempts_saved_checkpoints_are_kept_in_step_order(kv):
     assert stopping.saved("L") == first + ["checkpoint-epoch0-step12-files3"]
 
 
+def test_what_was_committed_is_not_named_even_after_retention_deleted_it(kv):
+    for name in ["checkpoint-epoch0-step4-files1", "checkpoint-epoch0-step8-files2",
+                 "checkpoint-epoch0-step12-files3"]:
+        stopping.record_saved("L", name)
+    stopping.record_committed("L", "checkpoint-epoch0-step4-files1")  # since deleted by retention
+    stopping.record_committed("L", "checkpoint-epoch0-step12-files3")
+    assert stopping.uncommitted("L") == ["checkpoint-epoch0-step8-files2"]
+
+
 def test_nothing_saved_and_ray_gone_say_nothing(kv, monkeypatch):
     assert stopping.saved("L") == []
 
