@@ -13,8 +13,12 @@ on loopback (fake-gcs-server), a model whose checkpoint is ~150 MB (weights + Ad
    waited, and the loop's stall per checkpoint with the waits, against async every N.
 4. A graceful stop (not in --quick): Ctrl-C in the middle of that run: seconds from the stop
    to every saved checkpoint committed, and how many were pending at the stop.
+5. Ray Train's report queue (--registration only): the test preset, 400 steps, a checkpoint every
+   4 (local disk): Ray takes about one report per poll of its workers, so a run that saves
+   faster used to wait for the queue after its last step. Seconds from the last step's save to
+   the job's exit (target < 5 s), the run's length, and the saves held for Ray.
 
-    python benchmarks/bench_checkpoint.py [--quick] [--only-backlog]
+    python benchmarks/bench_checkpoint.py [--quick] [--only-backlog S] [--registration]
 """
 
 from __future__ import annotations
@@ -36,7 +40,11 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--only-backlog", type=float, metavar="ASYNC_STALL_S",
                     help="parts 3 and 4 only, against a known async stall per checkpoint")
+    ap.add_argument("--registration", action="store_true", help="part 5 only")
     args = ap.parse_args()
+    if args.registration:
+        registration_tail()
+        return
     steps, every, sets = _common.checkpoint_workload("ckpt", args.quick)
     gcs = _common.GcsServer()
     if args.only_backlog:  # parts 3 and 4, against part 1's figure from RESULTS.md
@@ -138,6 +146,32 @@ def _backlog_and_stop(steps: int, sets: list, gcs_url: str, async_stall: float) 
     print(f"4. Ctrl-C after {saved} saves: {todo.group(1) if todo else '?'} pending at the stop, all "
           f"committed in {drained[0] if drained else float('nan'):.1f}s; the job exited 130 "
           f"{took:.1f}s after the signal")
+
+
+def registration_tail(steps: int = 400, every: int = 4) -> None:
+    import tempfile
+
+    from ray_job import launcher
+
+    root = Path(tempfile.mkdtemp(prefix="bench-registration-"))
+    job = launcher.start(["--config", "test", "--max-steps", steps, "--checkpoint-every", every,
+                          "--storage", root / "ckpt", "--set", f"data.path={root / 'data'}"],
+                         ray_address=os.environ.get("BENCH_RAY_ADDRESS"))
+    started, last_step, lines = time.monotonic(), None, []
+    for line in job.stdout:
+        lines.append(line)
+        if last_step is None and re.search(rf"💾 Staged checkpoint-epoch\d+-step{steps}-", line):
+            last_step = time.monotonic()
+    job.wait()
+    ended = time.monotonic()
+    out = "".join(lines)
+    assert job.returncode == 0 and last_step is not None, out[-3000:]
+    held = _common.floats(r"waited ([\d.]+)s for Ray Train", out)
+    stalls = _common.floats(r"Training blocked ([\d.]+)s", out)
+    print(f"5. {steps} steps, a checkpoint every {every} ({len(stalls)} saves): last step's save to exit "
+          f"{ended - last_step:.1f}s (target < 5 s); run {ended - started:.1f}s; {len(held)} saves held "
+          f"for Ray Train, {sum(held):.1f}s in all; stall per checkpoint median "
+          f"{statistics.median(stalls):.3f}s")
 
 
 if __name__ == "__main__":

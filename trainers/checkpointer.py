@@ -140,8 +140,10 @@ class Checkpointer:
         a stop's, after which the backlogs are waited for no longer."""
         name = CheckpointName(epoch=state.epoch, step=state.step, files=files_done)
         started = time.time()
-        if self.in_flight is not None:  # one staged copy at a time (bounded memory)
-            self.in_flight.written.wait()
+        fresh = False  # one staged copy at a time (bounded memory), but a stop's deadline wins
+        if self.in_flight is not None:
+            fresh = not self.in_flight.written.wait(None if deadline is None else
+                                                    max(0.0, deadline - time.monotonic()))
         self._bound_backlog(name, deadline)
         self._bound_ray_queue(name, deadline)
         waited = time.time() - started
@@ -151,7 +153,7 @@ class Checkpointer:
         else:
             blobs = [capture_rng()]
         writes = self.rank in self.format.writers
-        staged = self.format.stage() if writes else None
+        staged = self.format.stage(fresh) if writes else None
         last_val = state.val_history[-1] if state.val_history else None
         metrics = {
             "step": state.step, "epoch": state.epoch,

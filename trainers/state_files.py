@@ -47,7 +47,7 @@ class Full:
     def __init__(self, model, optimizer, group):
         self.model, self.optimizer = model, optimizer
 
-    def stage(self) -> dict:
+    def stage(self, fresh: bool = False) -> dict:
         return {"model": _cpu_copy(self.model.state_dict()), "optim": _cpu_copy(self.optimizer.state_dict())}
 
     def write(self, staged: dict, folder: str) -> None:
@@ -64,9 +64,10 @@ class Sharded:
         self.writers = frozenset(range(dist.get_world_size()))
         self.stager = sharded.Stager()
 
-    def stage(self) -> dict:
+    def stage(self, fresh: bool = False) -> dict:
+        """fresh: into new buffers, the reused ones being still written (a stop's last save)."""
         msd, osd = get_state_dict(self.model, self.optimizer)
-        return self.stager.stage({"model": msd, "optim": osd})
+        return (sharded.Stager() if fresh else self.stager).stage({"model": msd, "optim": osd})
 
     def write(self, staged: dict, folder: str) -> None:
         sharded.save(staged, folder, self.group)  # collective over self.group: every rank at once

@@ -263,6 +263,7 @@ def test_a_stop_keeps_its_timeout_when_storage_stops_answering(ray_address, corp
         time.sleep(max(0.0, stopped + hang_s + 3 - time.monotonic()))  # the late uploads went through
         assert proxy.counts["held"] > 0, proxy.counts
     out = "".join(lines)
+    print(f"exit {took:.1f}s after Ctrl-C (checkpoint.drain_timeout_s {timeout_s})")
     assert job.returncode == 130, (job.returncode, out[-3000:], err[-3000:])
     assert took < timeout_s + 12, f"exit {took:.1f}s after Ctrl-C; {out[-3000:]}"
     said = re.search(r"🛑 \d+ checkpoint\(s\) not finished within checkpoint.drain_timeout_s: (.+) stay "
