@@ -225,7 +225,7 @@ def test_gcs_lease_changes_are_generation_matched(gcs, monkeypatch):
 def test_a_stop_keeps_its_timeout_when_storage_stops_answering(ray_address, corpus, gcs, monkeypatch):
     """Issue 23, item 3 (and 8: the reports queued for Ray Train are bounded too). A checkpoint
     every 2 steps; at step 10 the storage stops answering writes to checkpoint folders, for
-    checkpoint.drain_timeout_s (3 s) + 4 s, and the job gets Ctrl-C. It exits 130 within the
+    checkpoint.drain_timeout_s (3 s) + 7 s, and the job gets Ctrl-C. It exits 130 within the
     timeout plus a few seconds; the checkpoints the stop named stay incomplete, even after their
     uploads went through late; the driver names them."""
     import re
@@ -235,7 +235,7 @@ def test_a_stop_keeps_its_timeout_when_storage_stops_answering(ray_address, corp
 
     from storage import manifest
 
-    timeout_s, hang_s = 3, 7
+    timeout_s, hang_s = 3, 10
     with FaultProxy(gcs.url, schedule=("ok",)) as proxy:
         job = launcher.start(["--config", "test", "--max-steps", "400", "--checkpoint-every", "2",
                               "--storage", "gs://ckpts/hang", "--run-name", "h", "--set", f"data.path={corpus}",
@@ -265,7 +265,6 @@ def test_a_stop_keeps_its_timeout_when_storage_stops_answering(ray_address, corp
     out = "".join(lines)
     print(f"exit {took:.1f}s after Ctrl-C (checkpoint.drain_timeout_s {timeout_s})")
     assert job.returncode == 130, (job.returncode, out[-3000:], err[-3000:])
-    assert took < timeout_s + 12, f"exit {took:.1f}s after Ctrl-C; {out[-3000:]}"
     said = re.search(r"🛑 \d+ checkpoint\(s\) not finished within checkpoint.drain_timeout_s: (.+) stay "
                      r"incomplete and are never resumed", out)
     assert said, out[-3000:]
@@ -281,3 +280,4 @@ def test_a_stop_keeps_its_timeout_when_storage_stops_answering(ray_address, corp
     finally:
         gcs_client.client.cache_clear()
     assert f"🛑 Saved and not committed, so incomplete and never resumed: {', '.join(named)}" in err, err[-3000:]
+    assert took < timeout_s + 12, f"exit {took:.1f}s after Ctrl-C; {out[-3000:]}"
