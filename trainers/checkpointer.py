@@ -334,10 +334,18 @@ class Checkpointer:
             self._committing = name
             try:
                 if self.committer.commit_and_retain(name, reports):
-                    stopping.record_committed(self.plan.launch_id, name)  # not named by the exits
+                    _record_committed(self.plan.launch_id, name)
             finally:
                 self._committing = None
         if self.tracking is not None:  # rank 0: the trackers' files travel with the checkpoint
             self.tracking.log({"checkpoint/upload_s": time.time() - started}, CheckpointName.parse(name).step)
             self.tracking.sync()  # best effort: a failed copy warns and is retried at the next one
 
+
+def _record_committed(launch_id: str, name: str) -> None:
+    """So the driver's exits do not name it. Best effort: the driver confirms in storage what
+    it names, so a lost record costs a look, never a wrong line."""
+    try:
+        stopping.record_committed(launch_id, name)
+    except Exception:
+        pass

@@ -94,7 +94,7 @@ def train_loop(plan: LaunchPlan) -> None:
 
     # --- for each step: train, log, validate, checkpoint ------------------------------------
     model.train()
-    first_step_at = None
+    first_step_at = deadline = None  # deadline: a graceful stop's (checkpoint.drain_timeout_s)
     while state.step < max_steps:
         fetch_started = time.time()
         batch = batches.next()
