@@ -29,6 +29,7 @@ import re
 import signal
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -162,13 +163,21 @@ def registration_tail(steps: int = 400, every: int = 4) -> None:
     marks = {"last save": rf"💾 Staged checkpoint-epoch\d+-step{steps}-", "loop done": r"🏁 Training finished",
              "driver done": r"🏁 Done:"}
     seen: dict[str, float] = {}
+    exited: list[float] = []  # the driver's exit (Ray's daemons may hold the pipe a while longer)
+
+    def wait() -> None:
+        job.wait()
+        exited.append(time.monotonic())
+
+    waiter = threading.Thread(target=wait, daemon=True)
+    waiter.start()
     for line in job.stdout:
         lines.append(line)
         for mark, pattern in marks.items():
             if mark not in seen and re.search(pattern, line):
                 seen[mark] = time.monotonic()
-    job.wait()
-    ended = time.monotonic()
+    waiter.join()
+    ended = exited[0]
     out = "".join(lines)
     assert job.returncode == 0 and len(seen) == len(marks), out[-3000:]
     held = _common.floats(r"waited ([\d.]+)s for Ray Train", out)
