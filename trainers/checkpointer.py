@@ -238,18 +238,19 @@ class Checkpointer:
         self.say(f"⏳ {oldest.name} committed; {name} waited {time.time() - started:.2f}s")
 
     def _bound_ray_queue(self, name: CheckpointName, deadline: float | None) -> None:
-        """At most checkpoint.max_pending reports waiting for Ray Train (trainers/ray_reports.py):
-        the wait is paid here, as stall, not when the attempt ends."""
+        """Hold this save while more than checkpoint.max_pending of this rank's reports wait for
+        Ray Train's upload step (trainers/ray_reports.py): the wait is paid here, as stall, not
+        when the attempt ends."""
         limit = self.cfg.checkpoint.max_pending
         waiting = self.ray.waiting()
-        if waiting < limit:
+        if waiting <= limit:
             return
-        waited, dropped = self.ray.wait_below(limit, deadline)
+        waited, dropped = self.ray.wait_below(limit + 1, deadline)
         if dropped:
             self.say(f"⚠️  Ray Train ran no upload for {self.ray.lost_after_s:g}s while {waiting} of this "
                      f"rank's reports waited: counting {dropped} as dropped by Ray")
         self.say(f"⏳ {name} waited {waited:.2f}s for Ray Train to take earlier reports ({waiting} "
-                 f"waiting, checkpoint.max_pending {limit})")
+                 f"waiting, more than checkpoint.max_pending {limit})")
 
     def unfinished(self) -> list[str]:
         return [p.name for p in self.pending if not p.future.done()]
