@@ -3,17 +3,17 @@
 Ray 2.60 (ray/train/v2/_internal/execution/context.py) runs every ASYNC report in one upload
 thread, in order: it calls the report's checkpoint_upload_fn (ours waits for our writer thread),
 then puts the report in a queue of size 1 that its controller empties once per poll of the
-workers (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s by default; worker_group/worker.py
-poll_status). So report k's upload function is called only once report k-1 is in that queue,
-and the queue drains at about one report a poll however fast training saves: a run that
-checkpoints faster waits at its end (and after a stop) for every report still queued, about a
-poll each, before the attempt ends (worker.py: train_fn_with_final_checkpoint_flush shuts the
-upload pool down, waiting).
+workers (worker_group/worker.py poll_status; RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s by Ray's
+default, 0.5 s as ray_job/launch.py sets it). So report k's upload function is called only once
+report k-1 is in that queue, and the queue drains at about one report a poll however fast
+training saves: a run that checkpoints faster waits at its end (and after a stop) for every
+report still queued, about a poll each, before the attempt ends (worker.py:
+train_fn_with_final_checkpoint_flush shuts the upload pool down, waiting).
 
-The checkpointer holds its next save while `checkpoint.max_pending` reports wait (reported,
-upload function not yet called): the wait is paid during training, where it is logged and
-counted as stall, not at the end. A report Ray never runs (report() skips one when its
-synchronization barrier is reset by a failing worker) must not hold training for ever: when
+The checkpointer holds its next save while more than `checkpoint.max_pending` reports wait
+(reported, upload function not yet called): the wait is paid during training, where it is
+logged and counted as stall, not at the end. A report Ray never runs (report() skips one when
+its synchronization barrier is reset by a failing worker) must not hold training for ever: when
 no upload function has been running for `lost_after_s` while reports wait, the oldest counts
 as dropped.
 """
