@@ -13,8 +13,12 @@ on loopback (fake-gcs-server), a model whose checkpoint is ~150 MB (weights + Ad
    waited, and the loop's stall per checkpoint with the waits, against async every N.
 4. A graceful stop (not in --quick): Ctrl-C in the middle of that run: seconds from the stop
    to every saved checkpoint committed, and how many were pending at the stop.
+5. Ray Train's report queue (--registration only): the test preset, 400 steps, a checkpoint every
+   4 (local disk): Ray takes about one report per poll of its workers, so a run that saves
+   faster used to wait for the queue after its last step. Seconds from the last step's save to
+   the job's exit (target < 5 s), the run's length, and the saves held for Ray.
 
-    python benchmarks/bench_checkpoint.py [--quick] [--only-backlog]
+    python benchmarks/bench_checkpoint.py [--quick] [--only-backlog S] [--registration]
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import re
 import signal
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -36,7 +41,12 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--only-backlog", type=float, metavar="ASYNC_STALL_S",
                     help="parts 3 and 4 only, against a known async stall per checkpoint")
+    ap.add_argument("--registration", type=int, nargs="?", const=400, metavar="STEPS",
+                    help="part 5 only (400 steps unless told)")
     args = ap.parse_args()
+    if args.registration:
+        registration_tail(args.registration)
+        return
     steps, every, sets = _common.checkpoint_workload("ckpt", args.quick)
     gcs = _common.GcsServer()
     if args.only_backlog:  # parts 3 and 4, against part 1's figure from RESULTS.md
@@ -139,6 +149,45 @@ def _backlog_and_stop(steps: int, sets: list, gcs_url: str, async_stall: float) 
           f"committed in {drained[0] if drained else float('nan'):.1f}s; the job exited 130 "
           f"{took:.1f}s after the signal")
 
+
+def registration_tail(steps: int = 400, every: int = 4) -> None:
+    import tempfile
+
+    from ray_job import launcher
+
+    root = Path(tempfile.mkdtemp(prefix="bench-registration-"))
+    job = launcher.start(["--config", "test", "--max-steps", steps, "--checkpoint-every", every,
+                          "--storage", root / "ckpt", "--set", f"data.path={root / 'data'}"],
+                         ray_address=os.environ.get("BENCH_RAY_ADDRESS"))
+    started, lines = time.monotonic(), []
+    marks = {"last save": rf"💾 Staged checkpoint-epoch\d+-step{steps}-", "loop done": r"🏁 Training finished",
+             "driver done": r"🏁 Done:"}
+    seen: dict[str, float] = {}
+    exited: list[float] = []  # the driver's exit (Ray's daemons may hold the pipe a while longer)
+
+    def wait() -> None:
+        job.wait()
+        exited.append(time.monotonic())
+
+    waiter = threading.Thread(target=wait, daemon=True)
+    waiter.start()
+    for line in job.stdout:
+        lines.append(line)
+        for mark, pattern in marks.items():
+            if mark not in seen and re.search(pattern, line):
+                seen[mark] = time.monotonic()
+    waiter.join()
+    ended = exited[0]
+    out = "".join(lines)
+    assert job.returncode == 0 and len(seen) == len(marks), out[-3000:]
+    held = _common.floats(r"waited ([\d.]+)s for Ray Train", out)
+    stalls = _common.floats(r"Training blocked ([\d.]+)s", out)
+    print(f"5. {steps} steps, a checkpoint every {every} ({len(stalls)} saves): last step's save to exit "
+          f"{ended - seen['last save']:.1f}s (target < 5 s): to the loop's end "
+          f"{seen['loop done'] - seen['last save']:.1f}s, to the driver's Done line "
+          f"{seen['driver done'] - seen['loop done']:.1f}s, to the exit {ended - seen['driver done']:.1f}s; "
+          f"run {ended - started:.1f}s; {len(held)} saves held for Ray Train, {sum(held):.1f}s in all; "
+          f"stall per checkpoint median {statistics.median(stalls):.3f}s")
 
 if __name__ == "__main__":
     main()

@@ -34,6 +34,7 @@ from trainers.launch_plan import LaunchPlan
 from trainers.loop import train_loop
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN_POLL_ENV, TRAIN_POLL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"
 
 
 def init_ray(cfg: Config, verbose: bool = False) -> None:
@@ -54,6 +55,10 @@ def init_ray(cfg: Config, verbose: bool = False) -> None:
         env["RAY_ADDRESS"] = os.environ["RAY_ADDRESS"]
     if gcs.emulator_host():  # workers must see the same GCS as the driver
         env[gcs.EMULATOR_HOST] = gcs.emulator_host()
+    # Ray Train's controller takes one report per poll of the workers (2 s by default): every
+    # checkpoint waits that long to be registered, and a job's end waits for the queue
+    # (trainers/ray_reports.py). A poll is a small actor call; a slow one is awaited, not failed.
+    env[TRAIN_POLL_ENV] = os.environ.get(TRAIN_POLL_ENV, TRAIN_POLL_S)
     runtime_env = {"env_vars": env} if env else None
     quiet = {} if verbose else {"logging_level": logging.WARNING}
     if os.environ.get("RAY_ADDRESS"):

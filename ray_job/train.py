@@ -123,6 +123,10 @@ def main(argv: list[str] | None = None) -> int:
                       file=sys.stderr)
             return 1
         if stop.asked:
+            left = _incomplete(plan.launch_id, run)
+            if left:  # the drain ran out of checkpoint.drain_timeout_s (the workers said so too)
+                print(f"🛑 Saved and not committed, so incomplete and never resumed: {', '.join(left)}",
+                      file=sys.stderr)
             newest = _newest(run)
             print(f"🛑 Stopped: the newest committed checkpoint is {newest.name if newest else None}; "
                   "continue with --resume latest", file=sys.stderr)
@@ -134,16 +138,21 @@ def main(argv: list[str] | None = None) -> int:
         newest = _newest(run)
         if newest is not None and (step is None or newest.name.step > step):
             step, epoch = newest.name.step, newest.name.epoch
+        left = _incomplete(plan.launch_id, run)
+        if left:  # a commit refused (a rank did not report its files): the workers said why
+            print(f"⚠️  Saved and not committed, so incomplete and never resumed: {', '.join(left)}",
+                  file=sys.stderr)
         print(f"🏁 Done: step {step}, epoch {epoch}, last checkpoint "
               f"{newest.name if newest else None} (progress started at step "
               f"{metrics.get('progress_initial')})")
         return 0
     except KeyboardInterrupt:
-        if lease is not None and lease.lost:  # ownership said why already
-            return 1
         if plan is None:
             print("error: interrupted before training started; nothing was written", file=sys.stderr)
             return 130
+        if lease is not None and lease.lost:  # ownership said why already
+            _stopped_at_once(plan.launch_id, run, lease_lost=True)
+            return 1
         _stopped_at_once(plan.launch_id, run)
         return 130
     finally:
@@ -163,24 +172,31 @@ def _newest(run):
 
 
 def _incomplete(launch_id: str, run, saved: list[str] | None = None) -> list[str]:
-    """The checkpoints this launch's rank 0 saved (saved: as read before) not whole in storage."""
+    """The checkpoints this launch's rank 0 saved, in any attempt, and did not commit (saved: as
+    read before), confirmed in storage (a commit whose record was lost with its worker)."""
     from storage import manifest
     from trainers import stopping
 
-    names = stopping.saved(launch_id) if saved is None else saved
+    names = stopping.uncommitted(launch_id) if saved is None else saved
     return [n for n in names if not manifest.check(run.child(n)).ok]
 
 
-def _stopped_at_once(launch_id: str, run) -> None:
-    """A second Ctrl-C (or a lost lease): say which saved checkpoints stay incomplete."""
+def _stopped_at_once(launch_id: str, run, lease_lost: bool = False) -> None:
+    """A second Ctrl-C, or a lost lease: stop the workers, say which saved checkpoints stay
+    incomplete."""
     from trainers import stopping
 
-    saved = stopping.saved(launch_id)  # read while Ray is up
+    saved = stopping.uncommitted(launch_id)  # read while Ray is up
     if "ray" in sys.modules:  # stop the workers now: nothing more reaches storage
         import ray
 
         ray.shutdown()
     incomplete = _incomplete(launch_id, run, saved)
+    if lease_lost:  # ownership said why; the run is another launch's now
+        if incomplete:
+            print(f"❌ Saved and not committed, so incomplete and never resumed: {', '.join(incomplete)}",
+                  file=sys.stderr)
+        return
     newest = _newest(run)
     print("🛑 Stopped at once: " + (f"{', '.join(incomplete)} were saved and not committed: they "
           "stay incomplete and are never resumed; " if incomplete else "every saved checkpoint was "
@@ -235,8 +251,8 @@ class GracefulStop:
 
 if __name__ == "__main__":
     code = main()
-    if code == 130 and "ray" in sys.modules:
-        # Ray Train's fit may still be inside Ray in its thread (a stop at once): end here, as
+    if code in (1, 130) and "ray" in sys.modules:
+        # Ray Train's fit may still be inside Ray in its thread (a stop at once, a lost lease): end here, as
         # interpreter teardown under it can crash; everything of ours is released already.
         sys.stdout.flush()
         sys.stderr.flush()

@@ -98,7 +98,7 @@ def train_loop(plan: LaunchPlan) -> None:
 
     # --- for each step: train, log, validate, checkpoint ------------------------------------
     model.train()
-    first_step_at = None
+    first_step_at = deadline = None  # deadline: a graceful stop's (checkpoint.drain_timeout_s)
     while state.step < max_steps:
         fetch_started = time.time()
         batch = batches.next()
@@ -152,11 +152,13 @@ def train_loop(plan: LaunchPlan) -> None:
             tracker.log({"val/loss": val_loss}, state.step)
             state.best_val_loss = min(state.best_val_loss, val_loss)
         notice = preemption.notice(state.step)
+        # A stop keeps checkpoint.drain_timeout_s from here to the attempt's end
+        deadline = time.monotonic() + cfg.checkpoint.drain_timeout_s if stop and not last else None
         if state.step % cfg.checkpoint.every == 0 or last or notice is not None or stop or resize:  # keep this step
             files_done = order.files_done(state.samples_in_epoch)
             if resize and rank == 0:
                 elastic.saved_for_resize(plan.launch_id, str(CheckpointName(state.epoch, state.step, files_done)))
-            checkpointer.save(state, files_done, preempted=notice is not None)
+            checkpointer.save(state, files_done, preempted=notice is not None, deadline=deadline)
         if resize and not last:
             # Ray restarts the group at its new size once this step is committed: steps trained
             # now would be lost with the group
@@ -167,15 +169,16 @@ def train_loop(plan: LaunchPlan) -> None:
             checkpointer.drain(cfg.checkpoint.drain_timeout_s)
             if not last:
                 preemption.hold(notice)
-        if stop and not last:
-            _stop(checkpointer, state, cfg, say, rank)
+        if deadline is not None:
+            _stop(checkpointer, state, cfg, say, rank, deadline)
             break
 
     # --- finish ---------------------------------------------------------------------------
     bar.close()
-    checkpointer.drain(None)  # every checkpoint saved is committed before the attempt ends
+    if deadline is None:
+        checkpointer.drain(None)  # every checkpoint saved is committed before the attempt ends
     checkpointer.close()
-    tracker.end()
+    tracker.end(None if deadline is None else max(1.0, deadline - time.monotonic()))
     trained = state.step - progress_initial
     if first_step_at is not None and trained > 1:
         rate = (trained - 1) / (time.time() - first_step_at)
@@ -210,13 +213,19 @@ class _Stream:
         return next(self.batches, None)
 
 
-def _stop(checkpointer, state, cfg: Config, say, rank: int) -> None:
-    """A graceful stop (trainers/stopping.py): finish the checkpoints already saved, then end."""
+def _stop(checkpointer, state, cfg: Config, say, rank: int, deadline: float) -> None:
+    """A graceful stop (trainers/stopping.py): finish the checkpoints already saved until the
+    deadline, then abandon the rest: none of them is committed after the line that says so."""
     todo = checkpointer.unfinished()
     say(f"\n🛑 Stop requested: stopped after step {state.step} (saved); finishing {len(todo)} checkpoint(s) "
         f"saved and not yet committed (up to {cfg.checkpoint.drain_timeout_s:g}s; Ctrl-C again to stop at once)")
     started = time.time()
-    left = checkpointer.drain(cfg.checkpoint.drain_timeout_s, show=rank == 0)
+    left = checkpointer.drain(max(0.0, deadline - time.monotonic()), show=rank == 0)
+    if left:
+        left, under_way = checkpointer.abandon()
+        if under_way:
+            say(f"🛑 {under_way}'s commit was under way at checkpoint.drain_timeout_s: it is whole only if "
+                "its metadata.json landed")
     if left:
         say(f"🛑 {len(left)} checkpoint(s) not finished within checkpoint.drain_timeout_s: "
             f"{', '.join(left)} stay incomplete and are never resumed")

@@ -31,6 +31,7 @@ import pyarrow.fs as pafs
 
 from configs.schema import Config
 from storage.location import Location, join
+from trainers.logs import say
 
 MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "comet_ml": "comet_ml",
            "aim": "aim", "clearml": "clearml", "dvclive": "dvclive"}
@@ -121,7 +122,9 @@ class Tracking:
 
     def sync(self) -> None:
         """Flush; on gs://, copy the event files into {run}/tensorboard/ (each launch's files
-        have names of their own: nothing of another launch is replaced)."""
+        have names of their own: nothing of another launch is replaced). Best effort: after a
+        commit the checkpoint is whole whatever happens here, so a failed copy is a warning and
+        the next one (after the next checkpoint, and at the end) copies every file again."""
         if not self.on:
             return
         with self._lock:
@@ -130,18 +133,35 @@ class Tracking:
                     tracker.writer.flush()
             if self.run.is_local:
                 return
-            source = os.path.join(self.local, FOLDER)
             dest = self.run.child(FOLDER)
-            for root, _, names in os.walk(source):
-                for name in names:
-                    rel = os.path.relpath(os.path.join(root, name), source).replace(os.sep, "/")
-                    pafs.copy_files(os.path.join(root, name), join(dest.path, rel),
-                                    source_filesystem=pafs.LocalFileSystem(), destination_filesystem=dest.fs)
+            try:
+                self._copy(dest)
+            except Exception as e:  # a GCS blip, a full bucket, no permission
+                first = (str(e).strip().splitlines() or [""])[0][:200]
+                say(f"⚠️  TensorBoard copy to {dest.uri} failed ({type(e).__name__}: {first}); "
+                    "retried after the next checkpoint and at the end")
 
-    def end(self) -> None:
+    def _copy(self, dest: Location) -> None:
+        source = os.path.join(self.local, FOLDER)
+        for root, _, names in os.walk(source):
+            for name in names:
+                rel = os.path.relpath(os.path.join(root, name), source).replace(os.sep, "/")
+                pafs.copy_files(os.path.join(root, name), join(dest.path, rel),
+                                source_filesystem=pafs.LocalFileSystem(), destination_filesystem=dest.fs)
+
+    def end(self, timeout_s: float | None = None) -> None:
+        """The last copy, then close the trackers. timeout_s: a stop's time left; a copy still
+        running after it is left behind (a storage that stopped answering must not hold the
+        job past checkpoint.drain_timeout_s)."""
         if not self.on:
             return
-        self.sync()
+        copy = threading.Thread(target=self.sync, name="tensorboard-copy", daemon=True)
+        copy.start()
+        copy.join(timeout_s)
+        if copy.is_alive():
+            say(f"⚠️  TensorBoard copy to {self.run.child(FOLDER).uri} did not finish in {timeout_s:g}s; "
+                "the event files stay on rank 0's node")
+            return
         self.accelerator.end_training()
         if not self.run.is_local:
             shutil.rmtree(self.local, ignore_errors=True)

@@ -3,15 +3,21 @@ bounded share of requests: HTTP 503s, connections dropped without an answer, slo
 
 Deterministic: request n (counted from 1) gets the fault schedule[n % len(schedule)], until
 max_faults faults have been injected; after that everything passes through.
+
+A storage that stops answering: after hang(match, seconds), every write (POST, PUT, PATCH,
+DELETE) of an object whose name holds `match` gets no answer until that time has passed, then
+goes through (an upload that finishes late); reads and other objects pass meanwhile.
 """
 
 from __future__ import annotations
 
 import http.client
+import json
+import re
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import urlparse
+from urllib.parse import parse_qs, unquote, urlparse
 
 HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade",
        "proxy-authorization", "proxy-authenticate", "content-length"}
@@ -22,8 +28,9 @@ class FaultProxy:
                  max_faults: int = 60, slow_s: float = 0.5):
         self.upstream = urlparse(upstream)
         self.schedule, self.max_faults, self.slow_s = schedule, max_faults, slow_s
-        self.counts = {"requests": 0, "503": 0, "drop": 0, "slow": 0}
+        self.counts = {"requests": 0, "503": 0, "drop": 0, "slow": 0, "held": 0}
         self._lock = threading.Lock()
+        self._hang: tuple[str, float] | None = None  # (name part, until: time.monotonic())
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -46,6 +53,7 @@ class FaultProxy:
 
             def _handle(self):
                 body = self._body()
+                proxy._hold(self.command, self.path, body)
                 fault = proxy._next_fault()
                 if fault == "drop":
                     self.close_connection = True
@@ -85,6 +93,23 @@ class FaultProxy:
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
+    def hang(self, match: str, seconds: float) -> None:
+        """Writes of objects whose name holds match get no answer for seconds from now."""
+        with self._lock:
+            self._hang = (match, time.monotonic() + seconds)
+
+    def _hold(self, method: str, path: str, body: bytes) -> None:
+        with self._lock:
+            hang = self._hang
+        if hang is None or method not in ("POST", "PUT", "PATCH", "DELETE"):
+            return
+        match, until = hang
+        if match not in _object_name(path, body) or time.monotonic() >= until:
+            return
+        with self._lock:
+            self.counts["held"] += 1
+        time.sleep(max(0.0, until - time.monotonic()))
+
     def _next_fault(self) -> str:
         with self._lock:
             self.counts["requests"] += 1
@@ -102,3 +127,16 @@ class FaultProxy:
     def __exit__(self, *exc) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def _object_name(path: str, body: bytes) -> str:
+    """The object a request writes: the name= of a media or resumable upload, the JSON
+    metadata's name of a multipart one, or the /o/NAME of a delete or patch."""
+    url = urlparse(path)
+    named = parse_qs(url.query).get("name")
+    if named:
+        return named[0]
+    found = re.search(rb'\{[^{}]*"name"\s*:\s*("(?:[^"\\]|\\.)*")', body[:4096])
+    if found:
+        return json.loads(found.group(1))
+    return unquote(url.path.split("/o/", 1)[1]) if "/o/" in url.path else ""

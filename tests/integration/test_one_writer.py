@@ -220,3 +220,64 @@ def test_gcs_lease_changes_are_generation_matched(gcs, monkeypatch):
         assert store.read() is None
     finally:
         gcs_client.client.cache_clear()
+
+
+def test_a_stop_keeps_its_timeout_when_storage_stops_answering(ray_address, corpus, gcs, monkeypatch):
+    """Issue 23, item 3 (and 8: the reports queued for Ray Train are bounded too). A checkpoint
+    every 2 steps; at step 10 the storage stops answering writes to checkpoint folders, for
+    checkpoint.drain_timeout_s (3 s) + 7 s, and the job gets Ctrl-C. It exits 130 within the
+    timeout plus a few seconds; the checkpoints the stop named stay incomplete, even after their
+    uploads went through late; the driver names them."""
+    import re
+    import threading
+
+    from faultproxy import FaultProxy
+
+    from storage import manifest
+
+    timeout_s, hang_s = 3, 10
+    with FaultProxy(gcs.url, schedule=("ok",)) as proxy:
+        job = launcher.start(["--config", "test", "--max-steps", "400", "--checkpoint-every", "2",
+                              "--storage", "gs://ckpts/hang", "--run-name", "h", "--set", f"data.path={corpus}",
+                              "--set", f"checkpoint.drain_timeout_s={timeout_s}"],
+                             ray_address=ray_address, emulator=proxy.url, stderr=subprocess.PIPE)
+        lines: list[str] = []
+        at_10 = threading.Event()
+
+        def read() -> None:
+            for line in job.stdout:
+                lines.append(line)
+                if re.search(r"💾 Staged checkpoint-epoch\d+-step10-", line):
+                    at_10.set()
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        assert at_10.wait(300), "".join(lines)[-3000:]
+        proxy.hang("/checkpoint-epoch", hang_s)
+        job.send_signal(signal.SIGINT)
+        stopped = time.monotonic()
+        err = job.stderr.read()
+        job.wait(60)
+        took = time.monotonic() - stopped
+        reader.join(10)
+        time.sleep(max(0.0, stopped + hang_s + 3 - time.monotonic()))  # the late uploads went through
+        assert proxy.counts["held"] > 0, proxy.counts
+    out = "".join(lines)
+    print(f"exit {took:.1f}s after Ctrl-C (checkpoint.drain_timeout_s {timeout_s})")
+    assert job.returncode == 130, (job.returncode, out[-3000:], err[-3000:])
+    said = re.search(r"🛑 \d+ checkpoint\(s\) not finished within checkpoint.drain_timeout_s: (.+) stay "
+                     r"incomplete and are never resumed", out)
+    assert said, out[-3000:]
+    named = said.group(1).split(", ")
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs.url)
+    from storage import gcs as gcs_client
+
+    gcs_client.client.cache_clear()
+    try:
+        run = resolve("gs://ckpts/hang/h")
+        for name in named:
+            assert manifest.check(run.child(name)).status is Status.INCOMPLETE, name
+    finally:
+        gcs_client.client.cache_clear()
+    assert f"🛑 Saved and not committed, so incomplete and never resumed: {', '.join(named)}" in err, err[-3000:]
+    assert took < timeout_s + 12, f"exit {took:.1f}s after Ctrl-C; {out[-3000:]}"

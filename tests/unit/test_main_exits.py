@@ -140,13 +140,17 @@ def test_a_live_lease_refuses_with_exit_2_before_ray(launch, capsys):
     assert Holder.parse((run / LEASE).read_bytes()).launch_id == "other"  # not ours: kept
 
 
-def test_a_lost_lease_stops_the_launch_with_exit_1(launch, capsys, monkeypatch):
+@pytest.mark.parametrize("saved", [[], ["checkpoint-epoch0-step4-files1"]], ids=["none saved", "one saved"])
+def test_a_lost_lease_stops_the_launch_with_exit_1(launch, capsys, monkeypatch, saved):
     """The real heartbeat (every 2.5 s at lease_stale_s=10) finds the lease taken and stops the
-    launch at once, through the same handler as Ctrl-C, with exit 1."""
+    launch at once, through the same handler as Ctrl-C, with exit 1, naming the checkpoints it
+    saved and leaves uncommitted (issue 23, item 4)."""
     from configs import with_overrides
     from storage.lease import _LocalStore
+    from trainers import stopping
 
     fake, run = launch
+    monkeypatch.setattr(stopping, "saved", lambda launch_id: saved)
     cfg, storage, run_loc, plan = train.prepare([])
     cfg = with_overrides(cfg, {"checkpoint": {"lease_stale_s": 10}})
     monkeypatch.setattr(train, "prepare", lambda argv: (cfg, storage, run_loc, plan))
@@ -163,9 +167,12 @@ def test_a_lost_lease_stops_the_launch_with_exit_1(launch, capsys, monkeypatch):
     assert train.main([]) == 1
     assert time.monotonic() - started < 6
     lines = _err_lines(capsys)
-    assert len(lines) == 1 and lines[0].startswith("❌ lost the lease on run ")
+    assert len(lines) == 1 + bool(saved) and lines[0].startswith("❌ lost the lease on run ")
     assert "another launch took it over (host h, pid 1" in lines[0]
     assert lines[0].endswith("stopping this launch so that the run has one writer")
+    if saved:
+        assert lines[1] == ("❌ Saved and not committed, so incomplete and never resumed: "
+                            "checkpoint-epoch0-step4-files1")
     assert Holder.parse((run / LEASE).read_bytes()).launch_id == "thief"  # theirs: kept
 
 
@@ -186,3 +193,24 @@ def test_a_failed_run_names_the_saved_checkpoints_it_leaves_incomplete(launch, c
                                   "❌ Saved and not committed, so incomplete and never resumed: "
                                   "checkpoint-epoch0-step4-files1"]
     assert not (run / LEASE).exists()
+
+
+def test_a_graceful_stop_names_the_saved_checkpoints_it_leaves_incomplete(launch, capsys, monkeypatch):
+    """A stop whose drain ran out of checkpoint.drain_timeout_s (issue 23, items 3 and 4): the
+    driver names what stays incomplete, then the newest committed checkpoint."""
+    from trainers import stopping
+
+    fake, run = launch
+    monkeypatch.setattr(stopping, "request", lambda launch_id: None)
+    monkeypatch.setattr(stopping, "saved", lambda launch_id: ["checkpoint-epoch0-step4-files1"])
+
+    def fit(*a, **kw):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.2)
+        return types.SimpleNamespace(metrics={})
+
+    fake.fit = fit
+    assert train.main([]) == 130
+    assert _err_lines(capsys)[-2:] == [
+        "🛑 Saved and not committed, so incomplete and never resumed: checkpoint-epoch0-step4-files1",
+        "🛑 Stopped: the newest committed checkpoint is None; continue with --resume latest"]
