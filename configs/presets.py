@@ -43,8 +43,10 @@ def production() -> Config:
         data=DataSection(path="gs://my-training-data/corpus", prepare="none"),
         optim=OptimSection(lr=3e-4, weight_decay=0.1, warmup_steps=2000, decay_steps=100_000),
         train=TrainSection(max_steps=100_000, global_batch_size=256, grad_accum_steps=4, strategy="fsdp",
-                           mixed_precision="bf16", log_every=10, val_every=1000, val_batch_size=8),
-        scaling=ScalingSection(num_workers=8, use_gpu=True, cpus_per_worker=4, data_cpus=32),
+                           mixed_precision="bf16", activation_checkpointing="full", log_every=10,
+                           val_every=1000, val_batch_size=8),
+        scaling=ScalingSection(num_workers=8, use_gpu=True, cpus_per_worker=4, data_cpus=32,
+                               gpu="nvidia-tesla-a100"),  # cluster.yaml's a2-highgpu-8g: A100 40GB
         checkpoint=CheckpointSection(storage="gs://my-training-checkpoints/runs", every=1000,
                                     max_failures=3, preemption_check_every=10, keep_last=5,
                                     keep_best=2),
