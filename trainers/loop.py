@@ -60,6 +60,8 @@ def train_loop(plan: LaunchPlan) -> None:
     if strategy.sharded:
         say(f"🧩 fsdp: {strategy.blocks} blocks and the root sharded over {world} workers; every rank "
             "writes its own checkpoint shards")
+    if strategy.recomputed:
+        say(f"♻️  Activation checkpointing: {strategy.recomputed} blocks recompute their forward in backward")
 
     # --- restore ------------------------------------------------------------------------
     state = TrainState()

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from accelerate import Accelerator
 
 from configs.schema import Config
-from trainers import sharded
+from trainers import recompute, sharded
 
 
 def adamw(cfg: Config, params) -> torch.optim.AdamW:
@@ -38,6 +38,7 @@ class Replicated:
 
     name = "ddp"
     sharded = False
+    recomputed = 0  # blocks under activation checkpointing
     grad_bytes = 0
     grad_norm = 0.0
 
@@ -51,6 +52,7 @@ class Replicated:
     def build(self, model: torch.nn.Module) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
         """The optimizer over the plain model; a checkpoint is restored into these two before
         prepare() wraps them (state dicts without DDP's prefixes)."""
+        self.recomputed = recompute.apply(model, self.cfg)  # train.activation_checkpointing
         self.model, self.optimizer = model, adamw(self.cfg, model.parameters())
         return self.model, self.optimizer
 
@@ -91,6 +93,7 @@ class Sharded:
 
     name = "fsdp"
     sharded = True
+    recomputed = 0
     grad_bytes = 0
     grad_norm = 0.0
 
@@ -102,6 +105,7 @@ class Sharded:
 
     def build(self, model: torch.nn.Module) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
         model.to(self.device)
+        self.recomputed = recompute.apply(model, self.cfg)  # before fully_shard, on the same blocks
         self.model, self.blocks = sharded.shard(model, self.cfg.model.shard_modules,
                                                 bf16=self.cfg.train.mixed_precision == "bf16")
         self.optimizer = adamw(self.cfg, self.model.parameters())
