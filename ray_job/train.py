@@ -23,7 +23,7 @@ def prepare(argv: list[str] | None = None, dry: bool = False, unchecked: list | 
     from data.prepare import token_dtype as width_for
     from ray_job import model_check, resume
     from storage.location import StorageUnreachable, probe, resolve
-    from trainers.launch_plan import LaunchPlan, ResumePoint
+    from trainers.launch_plan import InitFrom, LaunchPlan, ResumePoint
 
     args = parser().parse_args(argv)
     cfg = resolve_config(args)
@@ -67,6 +67,16 @@ def prepare(argv: list[str] | None = None, dry: bool = False, unchecked: list | 
                   f"resuming on {cfg.scaling.num_workers} with the same global batch size")
     if reached["--storage"]:
         resume.check_no_overwrite(run, choice)
+    init_from = None
+    if args.init_from and choice is not None:
+        print(f"ℹ️  --init-from {args.init_from} ignored: resuming {choice.name}, the run continues "
+              "from its own weights (so a job keeps the same arguments across restarts)")
+    elif args.init_from:
+        from ray_job import init_from as init_check
+
+        init_from = init_check.check(args.init_from, cfg, hash_it=not dry)  # the header only, and the hash
+    if choice is not None and choice.metadata.get("init_from"):  # recorded, not loaded
+        init_from = InitFrom(**choice.metadata["init_from"])
     index, token_dtype = None, None
     if not reached["data.path"] or (dry and choice is None and cfg.data.prepare == "stdlib"
                                     and not corpus.is_prepared(data, cfg)):
@@ -97,6 +107,7 @@ def prepare(argv: list[str] | None = None, dry: bool = False, unchecked: list | 
         audit_dir=os.path.abspath(args.audit_dir) if args.audit_dir else None,
         verbose=args.verbose,
         token_dtype=token_dtype or width_for(cfg.model.vocab_size),
+        init_from=init_from,
     )
     if choice is not None:
         print(f"🔎 --resume {args.resume} -> {choice.loc.uri} (step {choice.step}, verified)")

@@ -21,7 +21,7 @@ from data.index import read_all
 from data.order import SampleOrder, shuffle_window
 from data.stream import DataOrderError, check_batch, tokens_of
 from storage.location import resolve
-from trainers import parallel, stopping, tracking
+from trainers import init_weights, parallel, stopping, tracking
 from trainers.audit import Audit
 from trainers.checkpointer import Checkpointer, seed_rank
 from trainers.launch_plan import LaunchPlan
@@ -68,6 +68,10 @@ def train_loop(plan: LaunchPlan) -> None:
     source = checkpointer.choose_source()  # the train dataset was built from the same choice
     if source is not None:
         state = checkpointer.restore(source)
+        if plan.init_from is not None and plan.resume is None:  # an in-run retry of a fresh run
+            say(f"ℹ️  --init-from {plan.init_from.uri} not loaded: the run continues from its checkpoint")
+    elif plan.init_from is not None:  # --init-from: a fresh run starts from those weights
+        init_weights.load(plan.init_from, model, rank, say)
     strategy.prepare()  # ddp: Accelerate wraps the restored model and optimizer
     n_params = sum(p.numel() for p in model.parameters())  # local shards under fsdp: x world
     tracker = checkpointer.tracking = tracking.Tracking(
