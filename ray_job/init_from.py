@@ -24,15 +24,22 @@ from trainers.launch_plan import InitFrom
 MAX_HEADER = 100 << 20  # safetensors' own limit on the JSON header
 
 
+class Unreachable(UserError):
+    """The file's bucket cannot be reached from here (the launch plan shows it as not checked)."""
+
+
 def check(arg: str, cfg: Config, hash_it: bool = True) -> InitFrom:
     """The file at arg, its names and shapes checked against cfg's model; hashed unless not
     hash_it (the launch plan: nothing of size is read)."""
     try:
         loc = resolve(arg)
-        if loc.is_gcs:
-            probe(loc)
-    except (ValueError, StorageUnreachable) as e:
+    except ValueError as e:
         raise UserError(f"--init-from {arg}: {e}") from None
+    if loc.is_gcs:
+        try:
+            probe(loc)
+        except StorageUnreachable as e:
+            raise Unreachable(f"--init-from {e}") from None
     info = loc.fs.get_file_info(loc.path)
     if info.type != pafs.FileType.File:
         raise UserError(f"--init-from {arg}: no such file; give a model.safetensors (from `python -m "

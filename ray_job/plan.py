@@ -82,7 +82,7 @@ def verdict(cfg: Config, peak: int) -> tuple[str, bool]:
     """The plan's last line, and whether it fits (a CPU run, or a GPU of unknown memory, does)."""
     x = f"{peak / GB:.1f} GB"
     if not cfg.scaling.use_gpu:
-        return f"Peak per worker: {x} (a CPU run: no GPU memory to fit)", True
+        return f"Peak per worker: {_gb(peak).strip()} (a CPU run: no GPU memory to fit)", True
     total = memory_gb(cfg.scaling.gpu, cfg.scaling.gpu_memory_gb)
     if total is None:
         return (f"Peak per GPU: {x} of ? GB: not checked (set scaling.gpu, e.g. nvidia-tesla-a100, "
@@ -140,7 +140,9 @@ def table(cfg: Config, run_uri: str, plan, unchecked: list[tuple[str, str]], lea
     rows += [(f"  {what}", "not checked: " + why) for what, why in unchecked]
     done = {what for what, _ in unchecked}
     for what, ok in (("--storage", "reachable"), ("data.path", "indexed"),
-                     ("--resume", f"{plan.resume.name} (step {plan.resume.step}) verified" if plan.resume else None)):
+                     ("--resume", f"{plan.resume.name} (step {plan.resume.step}) verified" if plan.resume else None),
+                     ("--init-from", f"{plan.init_from.uri}: names and shapes match the model"
+                      if plan.init_from and not plan.resume else None)):
         if what not in done and ok:
             rows.append((f"  {what}", "✓ " + ok))
     if lease is not None:
@@ -151,10 +153,10 @@ def table(cfg: Config, run_uri: str, plan, unchecked: list[tuple[str, str]], lea
 
 def memory_table(cfg: Config, mem) -> str:
     total = mem.n_params * 4 * 3  # fp32 weights and AdamW's two moments
-    each = (f"{(mem.params + mem.optimizer) / GB:.2f} GB from each rank" if cfg.train.strategy == "fsdp"
+    each = (f"{_gb(mem.params + mem.optimizer).strip()} from each rank" if cfg.train.strategy == "fsdp"
             else "all from rank 0")
     rows = [
-        ("Checkpoint", f"{total / GB:.2f} GB ({mem.n_params / 1e9:.3f}B parameters: fp32 weights and AdamW "
+        ("Checkpoint", f"{_gb(total).strip()} ({_count(mem.n_params)} parameters: fp32 weights and AdamW "
                        f"state); {each}"),
         (f"Memory per rank (traced: {mem.world} ranks, micro-batch {mem.micro_batch})", ""),
         ("  parameters", _gb(mem.params)),
@@ -169,7 +171,11 @@ def memory_table(cfg: Config, mem) -> str:
 
 
 def _gb(n: int) -> str:
-    return f"{n / GB:8.2f} GB"
+    return f"{n / GB:8.2f} GB" if n >= GB / 10 else f"{n / 2**20:8.2f} MB"
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.3f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
 
 
 def _itemsize(dtype: str) -> int:

@@ -74,7 +74,12 @@ def prepare(argv: list[str] | None = None, dry: bool = False, unchecked: list | 
     elif args.init_from:
         from ray_job import init_from as init_check
 
-        init_from = init_check.check(args.init_from, cfg, hash_it=not dry)  # the header only, and the hash
+        try:
+            init_from = init_check.check(args.init_from, cfg, hash_it=not dry)  # the header; the hash
+        except init_check.Unreachable as e:
+            if not dry:
+                raise
+            unchecked.append(("--init-from", str(e).removeprefix("--init-from ")))
     if choice is not None and choice.metadata.get("init_from"):  # recorded, not loaded
         init_from = InitFrom(**choice.metadata["init_from"])
     index, token_dtype = None, None
