@@ -134,7 +134,7 @@ def table(cfg: Config, run_uri: str, plan, unchecked: list[tuple[str, str]], lea
         rows.append(("Steps per epoch", f"{steps:,} ({len(index.files)} files, {index.total_rows:,} samples)"))
     else:
         rows.append(("Steps per epoch", "not known (the data was not read)"))
-    rows.append(("Shuffle window", f"{window:,} samples, {window * row / 2**20:,.1f} MB" if window
+    rows.append(("Shuffle window", f"{window:,} samples, {_gb(window * row).strip()}" if window
                  else "none (data.shuffle=files)"))
     rows += [("Checks", "")]
     rows += [(f"  {what}", "not checked: " + why) for what, why in unchecked]

@@ -41,7 +41,9 @@ def prepare(argv: list[str] | None = None, dry: bool = False, unchecked: list | 
     except ValueError as e:
         raise UserError(f"--storage/data.path: {e}") from None
     reached = {}
-    for what, loc, writable in (("--storage", storage.child(cfg.run_name), not dry), ("data.path", data, False)):
+    # dry: no write probe on GCS (it writes an object); locally the probe only asks the file system
+    for what, loc, writable in (("--storage", storage.child(cfg.run_name), not (dry and storage.is_gcs)),
+                                ("data.path", data, False)):
         try:
             probe(loc, writable=writable)  # the run folder: a file, read-only, full
             reached[what] = True

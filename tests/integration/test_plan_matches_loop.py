@@ -12,6 +12,8 @@ import pytest
 from configs import load, with_overrides
 from trainers import memory
 
+pytestmark = pytest.mark.slow  # the shared runs (fixtures taken by name below: not seen by conftest)
+
 LINE = re.compile(r"💽 Training state on rank 0 \((\w+), (\d+) workers\): params ([\d.]+) MB, "
                   r"grads ([\d.]+) MB, AdamW ([\d.]+) MB")
 
