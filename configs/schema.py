@@ -218,13 +218,31 @@ class TrainSection:
 @dataclass(frozen=True, kw_only=True)
 class ScalingSection:
     num_workers: int = 2
-    """Ray Train workers (one process each)."""
+    """Ray Train workers (one process each); with min_workers, the most the job trains on."""
+    min_workers: int = 0
+    """Spot capacity: the fewest workers the job trains on (Ray's elastic worker group). A lost
+    node restarts the group at whatever size fits, at least this many, from the newest
+    committed checkpoint; returning capacity grows it back (every resize_check_s). The global
+    batch and the sample order stay the same at every size, so every size in the range must
+    divide train.global_batch_size / train.grad_accum_steps. A lost node is a restart Ray does
+    without limit unless checkpoint.max_failures is set. 0: num_workers (a fixed size)."""
+    restart_wait_s: float = 20.0
+    """Elastic only: how long a (re)start waits for the workers Ray chose to place before it
+    chooses again (Ray's RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S, 60 s by default): a node just
+    lost still counts as capacity for a while, and the first choice after a loss waits for it."""
+    resize_check_s: float = 60.0
+    """Elastic only: how often a running group checks for room to grow (Ray's
+    elastic_resize_monitor_interval_s). Growing saves and commits the step in progress first."""
     use_gpu: bool = False
     """One GPU per worker, NCCL between them."""
     cpus_per_worker: float = 1.0
     """Logical CPUs each worker reserves."""
     placement_strategy: str = "PACK"
     """Ray placement group strategy for the workers: PACK, SPREAD, STRICT_PACK, STRICT_SPREAD."""
+    worker_resources: dict = field(default_factory=dict)
+    """Ray resources each worker reserves besides its CPUs (and GPU), e.g. {"train_slot": 1} on
+    a cluster whose nodes each offer one slot: one worker per node, so a lost node shrinks an
+    elastic group by one."""
     data_cpus: float = 2.0
     """Logical CPUs left for Ray Data beside the workers' (read tasks take 0.5, the reorder 1):
     a local Ray gets this many more; on a cluster, nodes must have them free (cluster.yaml)."""
@@ -237,6 +255,18 @@ class ScalingSection:
 
     def __post_init__(self):
         _require(self.num_workers > 0, "scaling.num_workers", "must be positive")
+        _require(isinstance(self.worker_resources, dict) and all(
+            isinstance(k, str) and k not in ("CPU", "GPU") and isinstance(v, (int, float))
+            and not isinstance(v, bool) and _finite(v) and v > 0 for k, v in self.worker_resources.items()),
+            "scaling.worker_resources", f"{self.worker_resources!r}: a mapping of Ray resource names "
+            "(not CPU or GPU: scaling.cpus_per_worker, scaling.use_gpu) to positive amounts")
+        _require(0 <= self.min_workers <= self.num_workers, "scaling.min_workers",
+                 f"must be in 0..scaling.num_workers ({self.num_workers}); 0 means a fixed size, got "
+                 f"{self.min_workers}")
+        _require(_finite(self.resize_check_s) and self.resize_check_s > 0, "scaling.resize_check_s",
+                 "must be positive")
+        _require(_finite(self.restart_wait_s) and self.restart_wait_s > 0, "scaling.restart_wait_s",
+                 "must be positive")
         _require(_finite(self.data_cpus) and self.data_cpus >= 1.5, "scaling.data_cpus",
                  "must be at least 1.5 (one read task and the reorder)")
         _require(_finite(self.cpus_per_worker) and self.cpus_per_worker > 0, "scaling.cpus_per_worker",
@@ -248,6 +278,15 @@ class ScalingSection:
                  "scaling.gpu_memory_gb too")
         _require(self.placement_strategy in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
                  "scaling.placement_strategy", "must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD")
+
+    @property
+    def elastic(self) -> bool:
+        return 0 < self.min_workers < self.num_workers
+
+    @property
+    def sizes(self) -> range:
+        """Every worker count a group of this job may train at."""
+        return range(self.min_workers if self.elastic else self.num_workers, self.num_workers + 1)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -265,8 +304,9 @@ class CheckpointSection:
     preemption_check_every: int = 1
     """Ask Ray every N steps whether a node is being preempted (a barrier); 0 never asks."""
     preemption_wait_s: float = 60.0
-    """After the preemption checkpoint, hold training up to this long (or the notice's deadline,
-    if sooner) so that no step is trained only to be lost with the node; 0 keeps training."""
+    """After the preemption checkpoint is committed, training holds until Ray restarts the run
+    from it (at the notice's deadline), so that no step is trained only to be lost with the
+    node; it trains on if Ray has not restarted it this long after the deadline. 0 never holds."""
     keep_last: int = 0
     """Retention: keep the newest N complete checkpoints (0 keeps everything)."""
     keep_best: int = 0
@@ -335,10 +375,18 @@ class Config:
 
     def __post_init__(self):
         _safe_name(self.name, "name")
-        per_step = self.scaling.num_workers * self.train.grad_accum_steps
-        _require(self.train.global_batch_size % per_step == 0, "train.global_batch_size",
-                 f"{self.train.global_batch_size} is not a multiple of scaling.num_workers x "
-                 f"train.grad_accum_steps = {per_step}")
+        G, accum = self.train.global_batch_size, self.train.grad_accum_steps
+        if not self.scaling.elastic:
+            per_step = self.scaling.num_workers * accum
+            _require(G % per_step == 0, "train.global_batch_size",
+                     f"{G} is not a multiple of scaling.num_workers x train.grad_accum_steps = {per_step}")
+        # Ray may give an elastic group any size in the range: each must keep the global batch.
+        for w in self.scaling.sizes:
+            _require(G % (w * accum) == 0, "scaling.min_workers",
+                     f"at {w} workers the global batch cannot be kept: train.global_batch_size {G} is "
+                     f"not a multiple of {w} workers x train.grad_accum_steps {accum}; choose a worker "
+                     f"range ({self.scaling.min_workers}..{self.scaling.num_workers}) whose every size "
+                     "divides it")
 
     @property
     def run_name(self) -> str:

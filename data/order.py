@@ -11,6 +11,8 @@ count:
                               window may be shorter), each shuffled by a permutation drawn
                               from (seed, epoch, window). Trained position p of window w holds
                               S[w*window + perm_w[p - w*window]]. data.shuffle=files: S as is.
+                              The last window's end depends on G: a resume with another G
+                              inside a window it cuts otherwise is refused (ray_job/resume.py).
 
 Training consumes the trained sequence in global batches of G samples; in global batch b, rank
 r of W takes positions [b*G + r*G/W, b*G + (r+1)*G/W). The cursor is one number, the global
@@ -100,6 +102,17 @@ def sample_order(cfg, token_dtype: str = "uint8") -> dict:
     """What fixes the order of every epoch beside the data (metadata.json's "sample_order"); a
     checkpoint from before data.shuffle existed trained in file order."""
     return {"shuffle": cfg.data.shuffle, "window": shuffle_window(cfg, token_dtype), "seed": cfg.data.shuffle_seed}
+
+
+def window_in_progress(total_rows: int, window: int, global_batch: int, cursor: int) -> tuple[int, int] | None:
+    """[start, end) of the shuffle window that a resume at `cursor` continues, under global batch
+    G: the epoch's last window ends at P = (N // G) * G, so its end, and with its length its
+    permutation, depend on G. None when no window is in progress (data.shuffle=files, or the
+    cursor at a window's start: nothing of it trained yet)."""
+    if not window or cursor % window == 0:
+        return None
+    start = cursor - cursor % window
+    return start, min(start + window, total_rows // global_batch * global_batch)
 
 
 def window_permutation(seed: int, epoch: int, window: int, length: int) -> np.ndarray:

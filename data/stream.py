@@ -39,8 +39,7 @@ from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
 from data.index import DataIndex, footer_digest
-from data.order import ROW_OVERHEAD, EpochOrder, SampleOrder, shuffle_window, window_permutation
-from trainers.launch_plan import LaunchPlan
+from data.order import ROW_OVERHEAD, EpochOrder, SampleOrder, window_permutation
 
 BLOCK_BYTES_PER_RANK = 1 << 20  # ~1 MB per rank per block: several steps, a small fixed cost
 READ_CPUS = 0.5  # reads wait on storage; and != the reorder's 1 CPU (see Stream.dataset)
@@ -355,29 +354,3 @@ def _bind(fn, *args):
         return fn(*args)
     read.__name__ = fn.__name__
     return read
-
-
-def train_dataset(plan: LaunchPlan):
-    """`TorchTrainer(datasets={"train": ...})`: Ray Train calls this on every worker-group
-    start (train/v2/_internal/callbacks/datasets.py), so an in-run retry rebuilds the stream
-    from the same checkpoint the loop restores (trainers/source.py decides for both)."""
-    import ray.data
-
-    from trainers import source
-
-    cfg = plan.config
-    ray.data.DataContext.get_current().enable_progress_bars = plan.verbose  # this process builds it
-    start = source.choose(plan)
-    step, epoch, cursor = (start.step, start.epoch, start.samples_in_epoch) if start else (0, 0, 0)
-    steps = cfg.train.max_steps - step
-    if steps <= 0:
-        return ray.data.from_arrow(SCHEMA.empty_table())
-    return Stream(
-        data_uri=cfg.data.path, index=plan.data_index, seed=cfg.data.shuffle_seed,
-        global_batch=cfg.train.global_batch_size, world=cfg.scaling.num_workers,
-        row_bytes=(cfg.model.seq_len + 1) * np.dtype(plan.token_dtype).itemsize,
-        epoch=epoch, cursor=cursor, steps=steps,
-        steps_per_block=cfg.data.steps_per_block, audit_dir=plan.audit_dir,
-        window=shuffle_window(cfg, plan.token_dtype),
-    ).dataset()
-

@@ -47,7 +47,7 @@ def rows(run: Location, verify: bool = False) -> list[dict]:
         out.append({
             "name": str(entry.name), "step": entry.name.step, "epoch": entry.name.epoch,
             "files": entry.name.files, "train_loss": meta.get("train_loss"),
-            "val_loss": meta.get("val_loss"),
+            "val_loss": meta.get("val_loss"), "workers": meta.get("world_size"),
             "size": sum(f["size"] for f in meta.get("files", {}).values()) or None,
             "created_at": meta.get("created_at"), "status": result.status.value,
             "reason": result.reason, "uri": entry.loc.uri,
@@ -77,10 +77,10 @@ def cmd_list(args) -> int:
     if not table:
         print(f"No checkpoints in {run.uri}")
         return 0
-    print(f"{'name':<40} {'step':>7} {'epoch':>5} {'files':>5} {'train':>8} {'val':>8} {'size':>8}  "
+    print(f"{'name':<40} {'step':>7} {'epoch':>5} {'files':>5} {'workers':>7} {'train':>8} {'val':>8} {'size':>8}  "
           f"{'created':<20} status")
     for r in table:
-        print(f"{r['name']:<40} {r['step']:>7} {r['epoch']:>5} {r['files']:>5} "
+        print(f"{r['name']:<40} {r['step']:>7} {r['epoch']:>5} {r['files']:>5} {_fmt(r['workers'], 'd'):>7} "
               f"{_fmt(r['train_loss'], '.4f'):>8} {_fmt(r['val_loss'], '.4f'):>8} {_size(r['size']):>8}  "
               f"{r['created_at'] or '-':<20} {r['status']}{' (' + r['reason'] + ')' if r['reason'] else ''}")
     return 0

@@ -26,9 +26,10 @@ from ray.train import (  # noqa: E402
 from ray.train.torch import TorchTrainer
 
 from configs.schema import Config
-from data.stream import train_dataset
 from storage import gcs
 from storage.location import Location
+from trainers.dataset import train_dataset
+from trainers.elastic import ElasticHooks
 from trainers.launch_plan import LaunchPlan
 from trainers.loop import train_loop
 
@@ -103,6 +104,8 @@ def _drop_ray_noise() -> None:
 
 
 def fit(cfg: Config, run: Location, storage: Location, plan: LaunchPlan, verbose: bool = False):
+    if cfg.scaling.elastic:  # Ray Train hands this variable on to its controller
+        os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", f"{cfg.scaling.restart_wait_s:g}")
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=plan,
@@ -113,9 +116,12 @@ def fit(cfg: Config, run: Location, storage: Location, plan: LaunchPlan, verbose
         dataset_config=DataConfig(datasets_to_split=["train"],
                                   execution_options=ExecutionOptions(preserve_order=True)),
         scaling_config=ScalingConfig(
-            num_workers=cfg.scaling.num_workers,
+            # a (min, max) range: Ray's elastic group (trainers/elastic.py)
+            num_workers=(cfg.scaling.min_workers, cfg.scaling.num_workers) if cfg.scaling.elastic
+            else cfg.scaling.num_workers,
+            elastic_resize_monitor_interval_s=cfg.scaling.resize_check_s,
             use_gpu=cfg.scaling.use_gpu,
-            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
+            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker, **cfg.scaling.worker_resources},
             placement_strategy=cfg.scaling.placement_strategy,
         ),
         run_config=RunConfig(
@@ -123,7 +129,11 @@ def fit(cfg: Config, run: Location, storage: Location, plan: LaunchPlan, verbose
             storage_path=storage.path,
             storage_filesystem=storage.fs,
             checkpoint_config=CheckpointConfig(num_to_keep=None),  # retention: ours, not Ray's
-            failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures),
+            # elastic: a lost node restarts the group smaller (unlimited, unless max_failures says)
+            failure_config=FailureConfig(max_failures=-1 if cfg.scaling.elastic and not cfg.checkpoint.max_failures
+                                         else cfg.checkpoint.max_failures),
+            # the stream built for each group's size; a resize saves the step in progress first
+            callbacks=[ElasticHooks(plan)],
             logging_config=LoggingConfig(log_level="INFO" if verbose else "WARNING"),
         ),
     )

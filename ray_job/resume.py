@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from configs.schema import Config
+from ray_job import vet
 from ray_job.errors import UserError
 from storage.listing import Entry, latest_complete, scan
 from storage.location import Location, StorageUnreachable, probe, resolve
@@ -59,27 +60,8 @@ def resolve_resume(arg: str, run: Location) -> ResumeChoice:
             f"--resume {arg}: checkpoint {entry.loc.uri} is {result.status.value} ({result.reason}) and "
             f"cannot be resumed; pick a complete one (--resume latest skips incomplete ones)"
         )
-    if result.metadata.get("strategy") == "fsdp":
-        _vet_sharded(arg, entry.loc, result.metadata)
+    vet.checkpoint(arg, entry.loc, result.metadata)  # a hostile one: refused before Ray starts
     return ResumeChoice(name=str(entry.name), loc=entry.loc, metadata=result.metadata)
-
-
-def _vet_sharded(arg: str, loc: Location, metadata: dict) -> None:
-    """A sharded checkpoint's DCP index and non-tensor items, checked here (hashes already
-    verified) so that a hostile one is refused before Ray starts: nothing of it runs."""
-    from storage.location import join
-    from trainers import sharded
-
-    def read(rel: str, offset: int, length: int) -> bytes:
-        with loc.fs.open_input_file(join(loc.path, rel)) as f:
-            return f.read_at(length, offset)
-
-    try:
-        with loc.fs.open_input_stream(join(loc.path, sharded.DCP_METADATA)) as f:
-            sharded.vet(f, set(metadata["files"]), read)
-    except sharded.UnsafeCheckpoint as e:
-        raise UserError(f"--resume {arg}: checkpoint {loc.uri} is refused ({e}); nothing of it was "
-                        "run. Resume from a checkpoint this service wrote") from None
 
 
 def _checkpoint_folder(arg: str) -> Location:
@@ -167,6 +149,30 @@ def check_same_order(choice: ResumeChoice, cfg: Config, token_dtype: str) -> str
             f"--set data.shuffle_seed={saved['seed']}, or resume from an epoch boundary"
         )
     return f"⚠️  {choice.name} is at an epoch boundary: the sample order changes from here ({what})"
+
+
+def check_window_kept(choice: ResumeChoice, total_rows: int, new_batch: int) -> None:
+    """Another global batch mid-epoch (--allow-new-global-batch) only where the window in progress
+    is cut alike under both sizes: the epoch's last window ends at (N // G) * G and is shuffled by
+    a permutation of its length (data/order.py), so a resume inside it with another G would train
+    some of its samples twice and others never. Windows before the last are the same under any G."""
+    from data.order import window_in_progress
+
+    meta = choice.metadata
+    old_batch, cursor = meta["global_batch_size"], meta["samples_in_epoch"]
+    window = (meta.get("sample_order") or {}).get("window", 0)  # none recorded: file order, no windows
+    before = window_in_progress(total_rows, window, old_batch, cursor)
+    after = window_in_progress(total_rows, window, new_batch, cursor)
+    if before == after:
+        return
+    epoch_end = choice.step + (total_rows // old_batch * old_batch - cursor) // old_batch
+    raise UserError(
+        f"--allow-new-global-batch: {choice.name} stopped {cursor} samples into epoch {meta['epoch']}, "
+        f"inside shuffle window [{before[0]}, {before[1]}), which global batch size {new_batch} would cut at "
+        f"{after[1]} and shuffle otherwise: samples would repeat and be skipped. Finish the epoch with global "
+        f"batch size {old_batch} (--max-steps {epoch_end}), then resume with {new_batch} from its end, or resume "
+        f"a checkpoint at a window's start (samples_in_epoch a multiple of {window})"
+    )
 
 
 def check_no_overwrite(run: Location, choice: ResumeChoice | None) -> None:

@@ -102,6 +102,7 @@ def prepare(argv: list[str] | None = None, dry: bool = False, unchecked: list | 
         note = resume.check_same_order(choice, cfg, token_dtype)
         if note:
             print(note)
+        resume.check_window_kept(choice, index.total_rows, cfg.train.global_batch_size)
     if index is not None and index.total_rows < cfg.train.global_batch_size:
         raise UserError(f"data.path {data.uri}: {index.total_rows} train samples, fewer than one "
                         f"global batch ({cfg.train.global_batch_size}); lower "
@@ -142,7 +143,9 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         from ray_job import launch
 
-        print(f"🚀 Run '{cfg.run_name}': checkpoints in {run.uri}, {cfg.scaling.num_workers} workers, "
+        workers = (f"{cfg.scaling.min_workers}..{cfg.scaling.num_workers} workers (elastic)" if cfg.scaling.elastic
+                   else f"{cfg.scaling.num_workers} workers")
+        print(f"🚀 Run '{cfg.run_name}': checkpoints in {run.uri}, {workers}, "
               f"max_steps {cfg.train.max_steps}")
         try:
             launch.init_ray(cfg, verbose=plan.verbose)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import numpy as np
 
@@ -24,6 +25,6 @@ class Audit:
         if self.path is None:
             return
         record = {"event": "batch", "step": state.step + 1, "epoch": state.epoch,
-                  "ids": [int(i) for i in ids], "pid": os.getpid()}
+                  "ids": [int(i) for i in ids], "pid": os.getpid(), "t": round(time.time(), 3)}
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")

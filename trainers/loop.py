@@ -21,7 +21,8 @@ from data.index import read_all
 from data.order import SampleOrder, shuffle_window
 from data.stream import DataOrderError, check_batch, tokens_of
 from storage.location import resolve
-from trainers import init_weights, parallel, stopping, tracking
+from storage.names import CheckpointName
+from trainers import elastic, init_weights, parallel, stopping, tracking
 from trainers.audit import Audit
 from trainers.checkpointer import Checkpointer, seed_rank
 from trainers.launch_plan import LaunchPlan
@@ -73,6 +74,9 @@ def train_loop(plan: LaunchPlan) -> None:
     elif plan.init_from is not None:  # --init-from: a fresh run starts from those weights
         init_weights.load(plan.init_from, model, rank, say)
     strategy.prepare()  # ddp: Accelerate wraps the restored model and optimizer
+    resized = elastic.note_group(plan, world, rank, source.name if source is not None else None)
+    if resized:
+        say(resized)
     n_params = sum(p.numel() for p in model.parameters())  # local shards under fsdp: x world
     tracker = checkpointer.tracking = tracking.Tracking(
         cfg, strategy.accelerator, run, plan.launch_id, rank, state.step, world,
@@ -121,10 +125,12 @@ def train_loop(plan: LaunchPlan) -> None:
             order = SampleOrder.make(plan.data_index, cfg.data.shuffle_seed, state.epoch, G, window)
 
         # The stop flag rides the loss all-reduce: every rank learns a stop at the same step.
-        asked = float(rank == 0 and stopping.requested(plan.launch_id))
+        # So does a resize Ray is about to make (trainers/elastic.py): save, then hold.
+        asked = [float(rank == 0 and stopping.requested(plan.launch_id)),
+                 float(rank == 0 and cfg.scaling.elastic and elastic.resize_requested(plan.launch_id))]
         summed = strategy.reduce(torch.stack([loss.detach().float(),
-                                              torch.tensor(asked, device=loss.device)]), "sum")
-        mean_loss, stop = (summed[0] / world).item(), summed[1].item() > 0
+                                              *(torch.tensor(a, device=loss.device) for a in asked)]), "sum")
+        mean_loss, stop, resize = (summed[0] / world).item(), summed[1].item() > 0, summed[2].item() > 0
         tracker.step(state.step, mean_loss, lr, lambda: parallel.grad_norm(strategy),
                      fetched - fetch_started, time.time() - fetched)
         state.best_loss = min(state.best_loss, mean_loss)
@@ -152,8 +158,16 @@ def train_loop(plan: LaunchPlan) -> None:
             tracker.log({"val/loss": val_loss}, state.step)
             state.best_val_loss = min(state.best_val_loss, val_loss)
         notice = preemption.notice(state.step)
-        if state.step % cfg.checkpoint.every == 0 or last or notice is not None or stop:  # stop: keep this step
-            checkpointer.save(state, order.files_done(state.samples_in_epoch), preempted=notice is not None)
+        if state.step % cfg.checkpoint.every == 0 or last or notice is not None or stop or resize:  # keep this step
+            files_done = order.files_done(state.samples_in_epoch)
+            if resize and rank == 0:
+                elastic.saved_for_resize(plan.launch_id, str(CheckpointName(state.epoch, state.step, files_done)))
+            checkpointer.save(state, files_done, preempted=notice is not None)
+        if resize and not last:
+            # Ray restarts the group at its new size once this step is committed: steps trained
+            # now would be lost with the group
+            checkpointer.drain(cfg.checkpoint.drain_timeout_s)
+            elastic.hold(say)
         if notice is not None:
             # the preemption's checkpoint is committed before anything else can be dropped
             checkpointer.drain(cfg.checkpoint.drain_timeout_s)

@@ -9,6 +9,8 @@ import ray.train
 
 from configs.schema import Config
 
+NO_DEADLINE_S = 120.0  # Ray's DEFAULT_PREEMPTION_DEADLINE_S: a notice without a deadline
+
 
 class PreemptionWatch:
     def __init__(self, cfg: Config, say: Callable[[str], None]):
@@ -33,15 +35,16 @@ class PreemptionWatch:
         return info
 
     def hold(self, info) -> None:
-        """Every rank waits (they all got the same notice) until the node is gone, the deadline
-        passes, or preemption_wait_s runs out: steps trained now would die with the node."""
-        wait = self.wait_s
-        if info.deadline_ms is not None:
-            wait = min(wait, max(0.0, info.deadline_ms / 1000 - time.time()))
-        if wait <= 0:
+        """Every rank waits (they all got the same notice) until Ray ends the group: at the
+        notice's deadline (no deadline: Ray's 120 s), Ray restarts the run from the checkpoint on
+        the nodes that remain. Steps trained meanwhile would die with the node. preemption_wait_s
+        past the deadline, training goes on (Ray never restarted it)."""
+        until = (info.deadline_ms / 1000 if info.deadline_ms is not None else time.time() + NO_DEADLINE_S)
+        wait = max(0.0, until - time.time()) + self.wait_s
+        if not self.wait_s:
             return
-        self.say(f"⏸️  Holding training up to {wait:.0f}s for the preemption (Ray restarts the run "
-                 "from the checkpoint once the node is gone)")
+        self.say(f"⏸️  Holding training until Ray restarts the run from the checkpoint (up to {wait:.0f}s: "
+                 "the deadline, then checkpoint.preemption_wait_s)")
         time.sleep(wait)
 
 

@@ -9,9 +9,10 @@ keyed by parameter name, so any worker count can read them back (DCP reshards).
 Stock DCP unpickles twice on load: ``FileSystemReader.read_metadata`` (``pickle.load`` of
 ``.metadata``) and ``DefaultLoadPlanner.load_bytes`` (``torch.load(weights_only=False)`` of every
 non-tensor item, e.g. AdamW's param_groups). ``SafeReader`` reads ``.metadata`` through an
-Unpickler that admits only DCP's own metadata classes, refuses transforms and files outside the
-checkpoint's manifest; ``SafePlanner`` loads bytes items with ``weights_only=True``. A
-stranger's checkpoint runs no code. (torch's weights-only unpickler cannot read ``.metadata``:
+Unpickler that admits only DCP's own metadata classes and sets state only on the instances it
+makes, refuses transforms and files outside the checkpoint's manifest; ``SafePlanner`` loads
+bytes items with ``weights_only=True``. A stranger's checkpoint runs no code and changes no
+class. (torch's weights-only unpickler cannot read ``.metadata``:
 protocol 4's FRAME opcode; see ../shared/research/fsdp-dcp.md.)
 """
 
@@ -106,11 +107,101 @@ _ALLOWED = {
 }
 
 
-class _MetadataUnpickler(pickle.Unpickler):
+class _MetadataUnpickler(pickle._Unpickler):
+    """Unpickles only what a DCP index holds: globals from the allow-list; new objects only as
+    object.__new__ of an allowed class (DCP's dataclasses), and state (BUILD) only on those new
+    objects, items only into lists, dicts and sets it made. A stock unpickler lets BUILD set
+    attributes on whatever is on its stack: an allowed class (Metadata.__eq__), a function, an
+    enum member, changed for the rest of the process. REDUCE stays: every allowed callable makes a
+    new object or looks one up (torch.Size, an enum by value, a layout by name). The pure-Python
+    unpickler, because its opcodes can be overridden (the C one's cannot); it reads a 4.4 MB
+    index (20,000 tensors) in about the C one's time here, which is spent making the objects."""
+
+    dispatch = dict(pickle._Unpickler.dispatch)
+
+    def __init__(self, file):
+        super().__init__(file)
+        self._made: dict[int, object] = {}  # id -> the object: instances made here (kept, so ids stay theirs)
+
     def find_class(self, module: str, name: str):
         if name in _ALLOWED.get(module, ()):
             return super().find_class(module, name)
         raise UnsafeCheckpoint(f"DCP {DCP_METADATA} refers to {module}.{name}: not allowed")
+
+    def _new(self, cls, args: tuple, kwargs: dict):
+        if not (isinstance(cls, type) and cls.__new__ is object.__new__
+                and cls.__name__ in _ALLOWED.get(cls.__module__, ())):
+            raise UnsafeCheckpoint(f"DCP {DCP_METADATA} makes {_describe(cls)} by NEWOBJ: only DCP's own "
+                                   "metadata classes")
+        obj = cls.__new__(cls, *args, **kwargs)
+        self._made[id(obj)] = obj
+        return obj
+
+    def load_newobj(self):
+        args = self.stack.pop()
+        cls = self.stack.pop()
+        self.append(self._new(cls, args, {}))
+
+    def load_newobj_ex(self):
+        kwargs = self.stack.pop()
+        args = self.stack.pop()
+        cls = self.stack.pop()
+        self.append(self._new(cls, args, kwargs))
+
+    def load_build(self):
+        inst, state = self.stack[-2], self.stack[-1]
+        if self._made.get(id(inst)) is not inst:
+            raise UnsafeCheckpoint(f"DCP {DCP_METADATA} sets state on {_describe(inst)}: only on an "
+                                   "instance it made")
+        if getattr(inst, "__setstate__", None) is None and not isinstance(state, dict):
+            raise UnsafeCheckpoint(f"DCP {DCP_METADATA} sets state on {_describe(inst)} other than its "
+                                   "fields (setattr): not allowed")
+        super().load_build()
+
+    def _into(self, kind: type, depth: int) -> None:
+        target = self.stack[-depth] if depth else self.metastack[-1][-1]
+        if type(target) is not kind:
+            raise UnsafeCheckpoint(f"DCP {DCP_METADATA} adds items to {_describe(target)}: only to a "
+                                   f"{kind.__name__} it made")
+
+    def load_setitem(self):
+        self._into(dict, 3)
+        super().load_setitem()
+
+    def load_setitems(self):
+        self._into(dict, 0)
+        super().load_setitems()
+
+    def load_append(self):
+        self._into(list, 2)
+        super().load_append()
+
+    def load_appends(self):
+        self._into(list, 0)
+        super().load_appends()
+
+    def load_additems(self):
+        self._into(set, 0)
+        super().load_additems()
+
+    def load_inst(self):  # protocol 0/1 ways to make objects: DCP never writes them
+        raise UnsafeCheckpoint(f"DCP {DCP_METADATA} makes an object by INST: not allowed")
+
+    load_obj = load_inst
+
+    for _op, _method in ((pickle.NEWOBJ, load_newobj), (pickle.NEWOBJ_EX, load_newobj_ex),
+                         (pickle.BUILD, load_build), (pickle.SETITEM, load_setitem),
+                         (pickle.SETITEMS, load_setitems), (pickle.APPEND, load_append),
+                         (pickle.APPENDS, load_appends), (pickle.ADDITEMS, load_additems),
+                         (pickle.INST, load_inst), (pickle.OBJ, load_obj)):
+        dispatch[_op[0]] = _method
+    del _op, _method
+
+
+def _describe(obj) -> str:
+    if isinstance(obj, type) or callable(obj):
+        return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', type(obj).__name__)}"
+    return f"{type(obj).__module__}.{type(obj).__qualname__} {obj!r}"[:200]
 
 
 def read_dcp_metadata(path: str) -> dcp_metadata.Metadata:

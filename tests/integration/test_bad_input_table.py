@@ -36,6 +36,9 @@ CASES = {
     "yaml name ../escaped": (["{yaml:named.yaml}"], "name: '../escaped'"),
     "yaml file .hidden.yaml": (["{yaml:.hidden.yaml}"], "name: '.hidden' must not start with '.'"),
     # --- config ranges ------------------------------------------------------------------------
+    "worker range that cannot keep G": (["--min-workers", "1", "--num-workers", "4"],
+                                        "--min-workers (scaling.min_workers): at 3 workers the global batch "
+                                        "cannot be kept"),
     "tracker not installed": (["--set", "logging.trackers=[tensorboard,wandb]"],
                               "logging.trackers: wandb not installed here (pip install wandb)"),
     "tracker unknown": (["--set", "logging.trackers=[tensorbored]"], "logging.trackers: ['tensorbored']"),

@@ -36,8 +36,11 @@ def start_command(commands: list[str]) -> tuple[list[str], dict, dict]:
         words = shlex.split(statement)
         if words[0] == "export":
             env.update(w.split("=", 1) for w in words[1:])
-        elif words[:2] == ["ray", "start"]:
-            for word in words[2:]:
+        elif "start" in words and words[words.index("start") - 1] == "ray":
+            at = words.index("start") - 1
+            if at:  # a launcher before it: the spot watcher on worker nodes (its options may differ)
+                others.append(" ".join(w for w in words[:at] if w.endswith(("spot_watch.py", "--"))))
+            for word in words[at + 2:]:
                 key, _, value = word.partition("=")
                 flags[key] = value
         else:
@@ -53,7 +56,8 @@ def compare(local_cmds: list[str], remote_cmds: list[str]) -> None:
     keep = lambda flags: {k: v.split(":")[0] if k == "--address" else v  # noqa: E731
                           for k, v in flags.items() if k not in MAY_DIFFER}
     assert keep(l_flags) == keep(r_flags)
-    assert [c for c in remote_cmds if "ray start" not in c] == ["~/ray-train-resume/.venv/bin/ray stop"]
+    assert [c for c in remote_cmds if "ray start" not in c] in (["~/ray-train-resume/.venv/bin/ray stop"],
+                                                                ["~/ray-train-resume/.venv/bin/ray stop --force"])
     assert [c for c in local_cmds if "ray start" not in c] == []
 
 

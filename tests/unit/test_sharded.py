@@ -228,6 +228,79 @@ def test_poisoned_bytes_item_runs_nothing_and_is_refused(tmp_path):
     assert marker.exists()
 
 
+# State set on what a .metadata did not make (issue 23 item 7): each prefix leaves its object on
+# the stack, sets state on it (BUILD), pops it; the real index follows, so the file loads whole.
+def _global(module: str, name: str) -> bytes:
+    """STACK_GLOBAL (protocol 4, as DCP writes: GLOBAL's line reads fail on a pyarrow stream)."""
+    return b"".join(b"\x8c" + bytes([len(x)]) + x.encode() for x in (module, name)) + b"\x93"
+
+
+_SET_ATTR = (b"N}\x8c\x06__eq__" + _global("torch.serialization", "_get_layout")
+             + b"s\x86b0")  # (None, {"__eq__": _get_layout}) BUILD, POP
+_DCP = "torch.distributed.checkpoint.metadata"
+ON_WHAT = {
+    "class": _global(_DCP, "Metadata") + _SET_ATTR,
+    "function": _global("torch.serialization", "_get_layout") + _SET_ATTR,
+    "enum member": _global(_DCP, "_MEM_FORMAT_ENCODING") + b"K\x00\x85R" + _SET_ATTR,  # E(0): REDUCE
+    "enum member by NEWOBJ": _global(_DCP, "_MEM_FORMAT_ENCODING") + b"K\x00\x85\x81" + _SET_ATTR,
+    "class by SETITEM": _global(_DCP, "Metadata") + b"\x8c\x06__eq__Ns0",
+}
+
+
+def _targets():
+    from torch.distributed.checkpoint import metadata as md
+    from torch.serialization import _get_layout
+
+    member = md._MEM_FORMAT_ENCODING.TORCH_CONTIGUOUS_FORMAT
+    return {"Metadata": (md.Metadata, dict(vars(md.Metadata))), "_get_layout": (_get_layout, dict(vars(_get_layout))),
+            "member": (member, dict(vars(member)))}
+
+
+@pytest.fixture
+def classes_kept():
+    """The targets' attributes as they were (restored after, so a failing run harms no other test)."""
+    before = _targets()
+    yield before
+    for obj, saved in before.values():
+        for key in set(vars(obj)) - set(saved):
+            delattr(obj, key)
+        for key, value in saved.items():
+            if vars(obj).get(key) is not value:
+                setattr(obj, key, value)
+
+
+@pytest.mark.parametrize("on", list(ON_WHAT))
+def test_state_on_anything_but_a_new_instance_is_refused_and_changes_nothing(tmp_path, on, classes_kept):
+    _tiny_checkpoint(tmp_path / "ck")
+    index = tmp_path / "ck" / ".metadata"
+    index.write_bytes(ON_WHAT[on] + index.read_bytes())
+    with pytest.raises(sharded.UnsafeCheckpoint, match=r"DCP \.metadata (sets state on|makes|adds items to) "):
+        sharded.read_dcp_metadata(str(index))
+    for name, (obj, saved) in classes_kept.items():
+        assert dict(vars(obj)) == saved, f"the .metadata changed {name}"
+
+
+def test_a_resigned_checkpoint_whose_index_sets_a_class_attribute_is_refused_on_the_driver(tmp_path, classes_kept):
+    """--resume of such a checkpoint, manifest signed again over it: refused before Ray (ray_job/vet.py)."""
+    from test_checkpoint_files import realistic_meta
+
+    from ray_job.errors import UserError
+    from ray_job.resume import resolve_resume
+    from storage.location import resolve
+
+    folder = tmp_path / "checkpoint-epoch0-step8-files2"
+    _tiny_checkpoint(folder)
+    (folder / ".metadata").write_bytes(ON_WHAT["class"] + (folder / ".metadata").read_bytes())
+    for rel in (manifest.SCHEDULER, manifest.METRICS, manifest.rng_file(0)):
+        (folder / rel).write_bytes(b"{}")
+    manifest.write_metadata(str(folder), realistic_meta(folder.name, world_size=1, strategy="fsdp",
+                                                        shards={"0": ["__0_0.distcp"]}))
+    assert manifest.check(resolve(str(folder)), verify_hashes=True).ok  # hashes alone would pass it
+    with pytest.raises(UserError, match="is refused .DCP .metadata sets state on .*Metadata"):
+        resolve_resume(str(folder), resolve(str(tmp_path / "runs")))
+    assert dict(vars(classes_kept["Metadata"][0])) == classes_kept["Metadata"][1]
+
+
 def test_safe_load_of_a_clean_checkpoint_and_files_outside_the_manifest(tmp_path):
     _tiny_checkpoint(tmp_path / "ck")
     target = {"model": {"w": torch.zeros(4)}, "optim": {"param_groups": [{"lr": 0.0, "betas": (0.0, 0.0)}]}}

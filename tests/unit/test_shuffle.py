@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import test_data_cursor
+import test_poisoned_checkpoint
 from test_data_cursor import ROW_GROUP, TOKEN_LEN, file_ids
 
 from configs import load, parse_set, with_overrides
@@ -216,3 +217,50 @@ def test_a_resume_refuses_another_sample_order_mid_epoch():
     note = check_same_order(ResumeChoice(choice.name, None, at_boundary), with_overrides(cfg, parse_set(
         ["data.shuffle_seed=3"])), "uint8")
     assert "at an epoch boundary: the sample order changes" in note
+
+
+# --- another global batch mid-epoch (issue 23 item 5) ---------------------------------------------
+
+def test_the_last_window_depends_on_the_global_batch():
+    """The epoch's last window ends at P = (N // G) * G: with G 8 -> 16 at cursor 80 (N 104, window
+    64, seed 0) the window in progress is [64, 104) before and [64, 96) after, drawn by
+    another permutation, so a resume there trains some samples twice and others never."""
+    from data.index import DataIndex
+
+    index = DataIndex(files=("a.parquet",), rows=(104,))  # positions are file-order positions
+    before, after = SampleOrder.make(index, 0, 0, 8, 64), SampleOrder.make(index, 0, 0, 16, 64)
+    assert (before.window_bounds(80), after.window_bounds(80)) == ((64, 104), (64, 96))
+    trained = Counter([int(p) for p in before.sources(0, 80)] + [int(p) for p in after.sources(80, 96)])
+    assert sorted(p for p, n in trained.items() if n > 1) == [65, 82, 84, 86, 90]
+    assert sorted(set(range(96)) - set(trained)) == [64, 68, 75, 78, 79, 88, 91, 94]
+
+
+corpus = test_poisoned_checkpoint.corpus  # 6 files x 64 samples (a module-scoped fixture)
+
+
+def _resume_with_another_batch(tmp_path, corpus, window: int, cursor: int):
+    from ray_job import train
+
+    folder = test_poisoned_checkpoint.launch_checkpoint(
+        tmp_path / "old", corpus, cursor // 16, cursor, sets=[f"data.shuffle_window={window}"])
+    return train.prepare(["--config", "test", "--storage", str(tmp_path / "runs"), "--run-name", "fork",
+                          "--set", f"data.path={corpus}", "--set", f"data.shuffle_window={window}",
+                          "--set", "train.global_batch_size=80", "--allow-new-global-batch",
+                          "--resume", folder, "--max-steps", "40"])
+
+
+def test_another_global_batch_inside_a_window_it_cuts_otherwise_is_refused_before_ray(tmp_path, corpus):
+    """384 samples, one window of them all: G 16 -> 80 cuts it at 320 instead of 384. At 160
+    samples in, the resume is refused (ray_job/train.py's prepare: before Ray), saying how far
+    to go with the old size; at a cursor whose window both sizes cut alike it goes ahead."""
+    with pytest.raises(UserError) as refused:
+        _resume_with_another_batch(tmp_path / "in-window", corpus, 400, 160)
+    assert str(refused.value) == (
+        "--allow-new-global-batch: checkpoint-epoch0-step10-files0 stopped 160 samples into epoch 0, "
+        "inside shuffle window [0, 384), which global batch size 80 would cut at 320 and shuffle "
+        "otherwise: samples would repeat and be skipped. Finish the epoch with global batch size 16 "
+        "(--max-steps 24), then resume with 80 from its end, or resume a checkpoint at a window's start "
+        "(samples_in_epoch a multiple of 400)")
+    # windows of 160: [0, 160) is the same under both sizes, so a resume at 80 keeps the order
+    _, _, _, plan = _resume_with_another_batch(tmp_path / "same-window", corpus, 160, 80)
+    assert plan.resume.samples_in_epoch == 80 and plan.config.train.global_batch_size == 80
