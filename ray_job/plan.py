@@ -57,9 +57,11 @@ def main(argv: list[str] | None = None) -> int:
 def estimate_memory(cfg: Config):
     from trainers import memory
 
-    print(f"⏳ Tracing one training step under FakeTensorMode ({cfg.scaling.num_workers} ranks, "
+    # An elastic range keeps the global batch: its smallest group holds the most per GPU.
+    world = cfg.scaling.min_workers if cfg.scaling.elastic else cfg.scaling.num_workers
+    print(f"⏳ Tracing one training step under FakeTensorMode ({world} ranks, "
           f"{cfg.train.strategy}) for its memory...", flush=True)
-    return memory.estimate(cfg)
+    return memory.estimate(cfg, world)
 
 
 def warn_memory(cfg: Config) -> None:
@@ -114,7 +116,7 @@ def table(cfg: Config, run_uri: str, plan, unchecked: list[tuple[str, str]], lea
     from data.order import SampleOrder, shuffle_window
 
     t, s, m = cfg.train, cfg.scaling, cfg.model
-    W, G = s.num_workers, t.global_batch_size
+    W, G = (s.min_workers if s.elastic else s.num_workers), t.global_batch_size  # elastic: the fewest
     per_rank = G // W
     micro = per_rank // t.grad_accum_steps
     index = plan.data_index
@@ -122,11 +124,12 @@ def table(cfg: Config, run_uri: str, plan, unchecked: list[tuple[str, str]], lea
     row = (m.seq_len + 1) * _itemsize(plan.token_dtype)
     rows = [
         ("Config", f"{cfg.name}: run {run_uri}"),
-        ("Workers", f"{W} x {t.strategy}" + (f" on {s.gpu or 'GPUs'}" if s.use_gpu else " on CPU")
+        ("Workers", (f"{W}..{s.num_workers} (elastic)" if s.elastic else f"{W}") + f" x {t.strategy}"
+         + (f" on {s.gpu or 'GPUs'}" if s.use_gpu else " on CPU")
          + f", {t.mixed_precision if t.mixed_precision != 'no' else 'fp32'}"
          + (", activation checkpointing" if t.activation_checkpointing != "none" else "")),
         ("Per rank", f"{per_rank} samples a step: {t.grad_accum_steps} micro-batch(es) of {micro} x "
-                     f"{m.seq_len} tokens"),
+                     f"{m.seq_len} tokens" + (f" (at {W} workers)" if s.elastic else "")),
         ("Tokens per step", f"{G * m.seq_len:,} ({G} samples)"),
     ]
     if index is not None:
@@ -158,7 +161,8 @@ def memory_table(cfg: Config, mem) -> str:
     rows = [
         ("Checkpoint", f"{_gb(total).strip()} ({_count(mem.n_params)} parameters: fp32 weights and AdamW "
                        f"state); {each}"),
-        (f"Memory per rank (traced: {mem.world} ranks, micro-batch {mem.micro_batch})", ""),
+        (f"Memory per rank (traced: {mem.world} ranks, micro-batch {mem.micro_batch}"
+         + (", the smallest group of scaling.min_workers..num_workers" if cfg.scaling.elastic else "") + ")", ""),
         ("  parameters", _gb(mem.params)),
         ("  gradients", _gb(mem.grads)),
         ("  optimizer state", _gb(mem.optimizer)),

@@ -109,3 +109,11 @@ def test_train_warns_before_ray_when_a_gpu_run_does_not_fit(monkeypatch, tmp_pat
     err = capsys.readouterr().err
     assert "⚠️  Peak per GPU: 0.0 GB of 0.01 GB: does not fit: expect CUDA out of memory" in err
     assert err.index("does not fit") < err.index("Ray did not start") and started.ray
+
+
+def test_an_elastic_range_is_traced_at_its_smallest_group(tmp_path, capsys):
+    """The global batch is kept at every size: the fewest workers hold the most per GPU."""
+    assert plan.main(_args(tmp_path, "--set", "scaling.min_workers=1", "--set", "train.strategy=fsdp")) == 0
+    out = capsys.readouterr().out
+    assert "1..2 (elastic) x fsdp on CPU" in out
+    assert "Memory per rank (traced: 1 ranks, micro-batch 16, the smallest group of" in out
