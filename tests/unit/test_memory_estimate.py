@@ -35,3 +35,14 @@ def test_activation_checkpointing_lowers_the_traced_activations():
     full = memory.estimate(_cfg("fsdp", 0.0, "full"), world=2)
     assert full.activations < 0.7 * none.activations, (none, full)
     assert (full.params, full.optimizer) == (none.params, none.optimizer)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_a_step_of_several_micro_batches_is_traced_whole(strategy):
+    """Grad accumulation: the trackers see every micro-batch's forward (each refuses a second
+    root forward unless its module stats restart); gradients held across micro-batches count."""
+    one = _cfg(strategy, 0.0)
+    two = with_overrides(one, {"train": {"grad_accum_steps": 2, "global_batch_size": 16}})  # micro-batch 8 both
+    traced, real = memory.estimate(two, world=1), memory.measure(two)
+    assert abs(traced.activations - real.activations) <= 0.1 * real.activations, (traced, real)
+    assert traced.micro_batch == memory.estimate(one, world=1).micro_batch == 8
