@@ -12,6 +12,8 @@ import re
 import unicodedata
 from dataclasses import dataclass, field
 
+from configs.gpus import GPU_MEMORY_GB
+
 _FACTORY = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
 
 
@@ -189,6 +191,10 @@ class TrainSection:
     """Validate every N steps (and at the end); 0 disables it."""
     val_batch_size: int = 16
     """Validation samples per forward pass."""
+    activation_checkpointing: str = "none"
+    """'full': each block (those the strategy shards) keeps only its input for backward and
+    recomputes its forward there: a block's activations for about a third more compute, the
+    same losses and weights bit for bit. 'none' keeps every activation."""
 
     def __post_init__(self):
         _require(self.max_steps > 0, "train.max_steps", "must be positive")
@@ -205,6 +211,8 @@ class TrainSection:
         _require(self.val_every == 0 or self.val_batch_size > 0, "train.val_batch_size",
                  "must be positive while validation is on (train.val_every=0 turns it off)")
         _require(self.seed >= 0, "train.seed", "must be >= 0")
+        _require(self.activation_checkpointing in ("none", "full"), "train.activation_checkpointing",
+                 f"must be 'none' or 'full', got {self.activation_checkpointing!r}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -238,6 +246,12 @@ class ScalingSection:
     data_cpus: float = 2.0
     """Logical CPUs left for Ray Data beside the workers' (read tasks take 0.5, the reorder 1):
     a local Ray gets this many more; on a cluster, nodes must have them free (cluster.yaml)."""
+    gpu: str = ""
+    """The GPU each worker gets, by name (cluster.yaml's acceleratorType, e.g. nvidia-tesla-a100,
+    or Ray's, e.g. A100-80G: configs/gpus.py); the launch plan checks the memory estimate
+    against its memory."""
+    gpu_memory_gb: float = 0.0
+    """GPU memory per worker in GB (2^30 bytes) for the launch plan's fit check; 0: by scaling.gpu."""
 
     def __post_init__(self):
         _require(self.num_workers > 0, "scaling.num_workers", "must be positive")
@@ -257,6 +271,11 @@ class ScalingSection:
                  "must be at least 1.5 (one read task and the reorder)")
         _require(_finite(self.cpus_per_worker) and self.cpus_per_worker > 0, "scaling.cpus_per_worker",
                  "must be positive")
+        _require(_finite(self.gpu_memory_gb) and self.gpu_memory_gb >= 0, "scaling.gpu_memory_gb",
+                 "must be >= 0 (0: from scaling.gpu)")
+        _require(not self.gpu or self.gpu_memory_gb or self.gpu in GPU_MEMORY_GB, "scaling.gpu",
+                 f"{self.gpu!r} is not a GPU this knows ({', '.join(GPU_MEMORY_GB)}); set "
+                 "scaling.gpu_memory_gb too")
         _require(self.placement_strategy in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
                  "scaling.placement_strategy", "must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD")
 

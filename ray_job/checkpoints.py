@@ -3,7 +3,8 @@
     list  --storage S --run-name R [--json]     a table, newest last, with status
     show  NAME --storage S --run-name R [--json] one checkpoint's metadata and metrics
     plot  --storage S --run-name R [--out F.png] loss, LR and validation curves, resumes marked
-    export NAME --storage S --run-name R --out DIR  DIR/model.safetensors (whole, from any
+    export NAME --storage S --run-name R --out DIR [--dtype fp32|bf16]
+                                                    DIR/model.safetensors (whole, from any
                                                     checkpoint, sharded or not) + DIR/config.json
 """
 
@@ -263,14 +264,18 @@ def cmd_export(args) -> int:
         except CheckpointError as e:
             raise UserError(f"export {args.name}: {e}") from None
         os.makedirs(out, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in weights.items()}, targets[0])
+        import torch
+
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]  # --dtype: floating tensors
+        weights = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in weights.items()}
+        save_file(weights, targets[0])
         with open(targets[1], "w") as f:
             json.dump({"model": meta["config"]["model"], "checkpoint": args.name, "step": meta["step"],
-                       "written_by": strategy, "world_size": meta["world_size"]}, f, indent=2)
+                       "written_by": strategy, "world_size": meta["world_size"], "dtype": args.dtype}, f, indent=2)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     size = sum(v.numel() * v.element_size() for v in weights.values())
-    print(f"Wrote {targets[0]} ({len(weights)} tensors, {_size(size)}) and {targets[1]} from "
+    print(f"Wrote {targets[0]} ({len(weights)} tensors, {args.dtype}, {_size(size)}) and {targets[1]} from "
           f"{args.name} ({strategy}, {meta['world_size']} workers)")
     return 0
 
@@ -286,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
             s.add_argument("name")
         if name == "export":
             s.add_argument("--out", required=True, help="folder for model.safetensors and config.json")
+            s.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                           help="the exported weights' dtype (default fp32, as trained)")
         if name in ("list", "show"):
             s.add_argument("--verify", action="store_true",
                            help="check every file's hash too (always done on gs://)")

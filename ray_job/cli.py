@@ -32,6 +32,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", help="checkpoint name in this run, 'latest', or a full path/URI")
     for flag, (key, kind, text) in FLAGS.items():
         p.add_argument(flag, type=kind, help=f"{text} ({key})")
+    p.add_argument("--init-from", metavar="PATH_OR_URI",
+                   help="a fresh run starts from these weights (a safetensors file: `checkpoints "
+                        "export`'s model.safetensors); ignored when resuming")
     p.add_argument("--allow-new-global-batch", action="store_true",
                    help="resume with a different train.global_batch_size on purpose")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

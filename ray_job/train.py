@@ -13,12 +13,17 @@ from ray_job.cli import parser, resolve_config
 from ray_job.errors import UserError
 
 
-def prepare(argv: list[str] | None = None) -> tuple:
-    """Everything that can fail because of user input, done before Ray starts."""
-    from data import checks
+def prepare(argv: list[str] | None = None, dry: bool = False, unchecked: list | None = None) -> tuple:
+    """Everything that can fail because of user input, done before Ray starts.
+
+    dry (the launch plan, ray_job/plan.py): write nothing (no write probe, no test corpus) and
+    note in `unchecked`, as (what, why), each check this machine cannot make (an unreachable
+    bucket) instead of failing; data.index is then None where the data was not read."""
+    from data import checks, corpus
+    from data.prepare import token_dtype as width_for
     from ray_job import model_check, resume
     from storage.location import StorageUnreachable, probe, resolve
-    from trainers.launch_plan import LaunchPlan, ResumePoint
+    from trainers.launch_plan import InitFrom, LaunchPlan, ResumePoint
 
     args = parser().parse_args(argv)
     cfg = resolve_config(args)
@@ -35,15 +40,24 @@ def prepare(argv: list[str] | None = None) -> tuple:
         data = resolve(cfg.data.path)
     except ValueError as e:
         raise UserError(f"--storage/data.path: {e}") from None
-    try:
-        probe(storage.child(cfg.run_name), writable=True)  # the run folder: a file, read-only, full
-        probe(data)
-    except StorageUnreachable as e:
-        raise UserError(f"--storage/data.path {e}") from None
+    reached = {}
+    # dry: no write probe on GCS (it writes an object); locally the probe only asks the file system
+    for what, loc, writable in (("--storage", storage.child(cfg.run_name), not (dry and storage.is_gcs)),
+                                ("data.path", data, False)):
+        try:
+            probe(loc, writable=writable)  # the run folder: a file, read-only, full
+            reached[what] = True
+        except StorageUnreachable as e:
+            if not (dry and loc.is_gcs):
+                raise UserError(f"--storage/data.path {e}") from None
+            unchecked.append((what, str(e)))
+            reached[what] = False
     run = storage.child(cfg.run_name)
     # Workers run elsewhere (another cwd, another node): hand them absolute locations.
     cfg = with_overrides(cfg, {"data": {"path": data.uri}, "checkpoint": {"storage": storage.uri}})
-    choice = resume.resolve_resume(args.resume, run) if args.resume else None
+    if args.resume and not reached["--storage"]:
+        unchecked.append(("--resume", f"{args.resume}: the run's checkpoints cannot be read from here"))
+    choice = resume.resolve_resume(args.resume, run) if args.resume and reached["--storage"] else None
     if choice is not None:
         resume.check_compatible(choice, cfg, cfg.train.max_steps, args.allow_new_global_batch)
         forking = not choice.loc.uri.startswith(run.uri.rstrip("/") + "/")
@@ -53,20 +67,43 @@ def prepare(argv: list[str] | None = None) -> tuple:
         if choice.metadata["world_size"] != cfg.scaling.num_workers:
             print(f"⚠️  {choice.name} was written by {choice.metadata['world_size']} workers; "
                   f"resuming on {cfg.scaling.num_workers} with the same global batch size")
-    resume.check_no_overwrite(run, choice)
-    if choice is not None:
+    if reached["--storage"]:
+        resume.check_no_overwrite(run, choice)
+    init_from = None
+    if args.init_from and choice is not None:
+        print(f"ℹ️  --init-from {args.init_from} ignored: resuming {choice.name}, the run continues "
+              "from its own weights (so a job keeps the same arguments across restarts)")
+    elif args.init_from:
+        from ray_job import init_from as init_check
+
+        try:
+            init_from = init_check.check(args.init_from, cfg, hash_it=not dry)  # the header; the hash
+        except init_check.Unreachable as e:
+            if not dry:
+                raise
+            unchecked.append(("--init-from", str(e).removeprefix("--init-from ")))
+    if choice is not None and choice.metadata.get("init_from"):  # recorded, not loaded
+        init_from = InitFrom(**choice.metadata["init_from"])
+    index, token_dtype = None, None
+    if not reached["data.path"] or (dry and choice is None and cfg.data.prepare == "stdlib"
+                                    and not corpus.is_prepared(data, cfg)):
+        if reached["data.path"]:
+            unchecked.append(("data.path", f"{data.uri} holds no corpus yet; train prepares the test "
+                                           "corpus there first (data.prepare=stdlib)"))
+    elif choice is not None:
         # the files it trained on, found under this data.path and fingerprinted (footers only)
         index = checks.resume_index(data, choice.metadata, choice.name)
         checks.check_val(data, cfg)
     else:  # prepares the test corpus if asked; checks the folder, the files, one sample's length
         index = checks.fresh_index(data, cfg, verbose=args.verbose)
-    token_dtype = checks.token_dtype(data, cfg)  # dataset.json's width (uint8: byte tokens)
-    if choice is not None:
+    if index is not None and reached["data.path"]:
+        token_dtype = checks.token_dtype(data, cfg)  # dataset.json's width (uint8: byte tokens)
+    if choice is not None and token_dtype is not None:
         note = resume.check_same_order(choice, cfg, token_dtype)
         if note:
             print(note)
         resume.check_window_kept(choice, index.total_rows, cfg.train.global_batch_size)
-    if index.total_rows < cfg.train.global_batch_size:
+    if index is not None and index.total_rows < cfg.train.global_batch_size:
         raise UserError(f"data.path {data.uri}: {index.total_rows} train samples, fewer than one "
                         f"global batch ({cfg.train.global_batch_size}); lower "
                         "--set train.global_batch_size or add data")
@@ -77,7 +114,8 @@ def prepare(argv: list[str] | None = None) -> tuple:
                            samples_in_epoch=int(choice.metadata["samples_in_epoch"])) if choice else None,
         audit_dir=os.path.abspath(args.audit_dir) if args.audit_dir else None,
         verbose=args.verbose,
-        token_dtype=token_dtype,
+        token_dtype=token_dtype or width_for(cfg.model.vocab_size),
+        init_from=init_from,
     )
     if choice is not None:
         print(f"🔎 --resume {args.resume} -> {choice.loc.uri} (step {choice.step}, verified)")
@@ -92,6 +130,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         try:
             cfg, storage, run, plan = prepare(argv)
+            if cfg.scaling.use_gpu:  # what a GPU needs, known before a cluster is paid for
+                from ray_job.plan import warn_memory
+
+                warn_memory(cfg)
             lease = ownership.take_run(cfg, run, plan)  # one launch writes a run; before Ray
             from trainers import snapshots
 

@@ -48,6 +48,7 @@ def checkpoint_metadata(plan: LaunchPlan, progress: dict, world_size: int, files
         "config": asdict(cfg), "data_index": plan.data_index.to_json(),
         "sample_order": sample_order(cfg, plan.token_dtype),
         "resumed_from": asdict(plan.resume) if plan.resume else None,
+        "init_from": asdict(plan.init_from) if plan.init_from else None,  # --init-from: file, sha256
     }
     if shards is not None:
         metadata["shards"] = shards

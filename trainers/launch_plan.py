@@ -21,6 +21,15 @@ class ResumePoint:
 
 
 @dataclass(frozen=True, kw_only=True)
+class InitFrom:
+    """--init-from: the safetensors file a fresh run's weights start from (checked on the driver)."""
+
+    uri: str
+    sha256: str
+    size: int
+
+
+@dataclass(frozen=True, kw_only=True)
 class LaunchPlan:
     config: Config
     """The resolved config; absolute data and storage locations (workers run elsewhere)."""
@@ -40,3 +49,6 @@ class LaunchPlan:
     token_dtype: str = "uint8"
     """How the tokens column packs token ids: uint8, or little-endian uint16/uint32 (the data
     set's dataset.json says which; a folder without one holds bytes)."""
+    init_from: InitFrom | None = None
+    """--init-from on a fresh run: rank 0 reads it and the weights are broadcast before the first
+    step; on a resume, the file the run started from (recorded in metadata.json, not loaded)."""

@@ -22,7 +22,7 @@ from data.order import SampleOrder, shuffle_window
 from data.stream import DataOrderError, check_batch, tokens_of
 from storage.location import resolve
 from storage.names import CheckpointName
-from trainers import elastic, parallel, stopping, tracking
+from trainers import elastic, init_weights, parallel, stopping, tracking
 from trainers.audit import Audit
 from trainers.checkpointer import Checkpointer, seed_rank
 from trainers.launch_plan import LaunchPlan
@@ -61,12 +61,18 @@ def train_loop(plan: LaunchPlan) -> None:
     if strategy.sharded:
         say(f"🧩 fsdp: {strategy.blocks} blocks and the root sharded over {world} workers; every rank "
             "writes its own checkpoint shards")
+    if strategy.recomputed:
+        say(f"♻️  Activation checkpointing: {strategy.recomputed} blocks recompute their forward in backward")
 
     # --- restore ------------------------------------------------------------------------
     state = TrainState()
     source = checkpointer.choose_source()  # the train dataset was built from the same choice
     if source is not None:
         state = checkpointer.restore(source)
+        if plan.init_from is not None and plan.resume is None:  # an in-run retry of a fresh run
+            say(f"ℹ️  --init-from {plan.init_from.uri} not loaded: the run continues from its checkpoint")
+    elif plan.init_from is not None:  # --init-from: a fresh run starts from those weights
+        init_weights.load(plan.init_from, model, rank, say)
     strategy.prepare()  # ddp: Accelerate wraps the restored model and optimizer
     resized = elastic.note_group(plan, world, rank, source.name if source is not None else None)
     if resized:

@@ -26,10 +26,10 @@ import torch.distributed as dist
 from accelerate import Accelerator
 
 from configs.schema import Config
-from trainers import sharded
+from trainers import recompute, sharded
 
 
-def _adamw(cfg: Config, params) -> torch.optim.AdamW:
+def adamw(cfg: Config, params) -> torch.optim.AdamW:
     return torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
 
 
@@ -38,6 +38,7 @@ class Replicated:
 
     name = "ddp"
     sharded = False
+    recomputed = 0  # blocks under activation checkpointing
     grad_bytes = 0
     grad_norm = 0.0
 
@@ -51,7 +52,8 @@ class Replicated:
     def build(self, model: torch.nn.Module) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
         """The optimizer over the plain model; a checkpoint is restored into these two before
         prepare() wraps them (state dicts without DDP's prefixes)."""
-        self.model, self.optimizer = model, _adamw(self.cfg, model.parameters())
+        self.recomputed = recompute.apply(model, self.cfg)  # train.activation_checkpointing
+        self.model, self.optimizer = model, adamw(self.cfg, model.parameters())
         return self.model, self.optimizer
 
     def prepare(self) -> None:
@@ -70,7 +72,7 @@ class Replicated:
                 if accelerator.sync_gradients:
                     self.grad_bytes = sharded.local_bytes(p.grad for p in self.model.parameters())
                     # the norm before clipping (max_norm inf scales by exactly 1: nothing changes)
-                    self.grad_norm = accelerator.clip_grad_norm_(model.parameters(), _max_norm(self.cfg))
+                    self.grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm(self.cfg))
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             total += loss.detach() / accum
@@ -83,7 +85,7 @@ class Replicated:
         return self.accelerator.unwrap_model(self.wrapped)
 
     def state_bytes(self) -> dict[str, int]:
-        return _state_bytes(self.model, self.optimizer, self.grad_bytes)
+        return state_bytes(self.model, self.optimizer, self.grad_bytes)
 
 
 class Sharded:
@@ -91,6 +93,7 @@ class Sharded:
 
     name = "fsdp"
     sharded = True
+    recomputed = 0
     grad_bytes = 0
     grad_norm = 0.0
 
@@ -102,29 +105,18 @@ class Sharded:
 
     def build(self, model: torch.nn.Module) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
         model.to(self.device)
+        self.recomputed = recompute.apply(model, self.cfg)  # before fully_shard, on the same blocks
         self.model, self.blocks = sharded.shard(model, self.cfg.model.shard_modules,
                                                 bf16=self.cfg.train.mixed_precision == "bf16")
-        self.optimizer = _adamw(self.cfg, self.model.parameters())
+        self.optimizer = adamw(self.cfg, self.model.parameters())
         return self.model, self.optimizer
 
     def prepare(self) -> None:
         pass  # sharded in build(): the optimizer must be made over the shards
 
     def step(self, tokens: np.ndarray) -> torch.Tensor:
-        model, optimizer, accum = self.model, self.optimizer, self.cfg.train.grad_accum_steps
         batch = torch.from_numpy(tokens.astype(np.int64)).to(self.device)
-        total = torch.zeros((), device=self.device)
-        micros = torch.chunk(batch, accum)
-        for i, micro in enumerate(micros):
-            model.set_requires_gradient_sync(i == len(micros) - 1)  # reduce-scatter once per step
-            loss = model(micro[:, :-1], micro[:, 1:])
-            (loss / accum).backward()
-            total += loss.detach() / accum
-        self.grad_bytes = sharded.local_bytes(p.grad for p in model.parameters())
-        # the global norm over every shard (a DTensor all-reduce), before clipping
-        self.grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), _max_norm(self.cfg))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        total, self.grad_bytes, self.grad_norm = sharded_step(self.model, self.optimizer, batch, self.cfg)
         return total
 
     def reduce(self, t: torch.Tensor, op: str) -> torch.Tensor:
@@ -136,7 +128,27 @@ class Sharded:
         return self.model
 
     def state_bytes(self) -> dict[str, int]:
-        return _state_bytes(self.model, self.optimizer, self.grad_bytes)
+        return state_bytes(self.model, self.optimizer, self.grad_bytes)
+
+
+def sharded_step(model, optimizer, batch: torch.Tensor, cfg: Config) -> tuple[torch.Tensor, int, torch.Tensor]:
+    """One fsdp optimizer step over this rank's batch in grad_accum_steps micro-batches (the
+    memory plan traces this same function: trainers/memory.py). Returns the mean loss, the
+    gradients' bytes at their peak and the gradient norm before clipping."""
+    accum = cfg.train.grad_accum_steps
+    total = torch.zeros((), device=batch.device)
+    micros = torch.chunk(batch, accum)
+    for i, micro in enumerate(micros):
+        model.set_requires_gradient_sync(i == len(micros) - 1)  # reduce-scatter once per step
+        loss = model(micro[:, :-1], micro[:, 1:])
+        (loss / accum).backward()
+        total += loss.detach() / accum
+    grad_bytes = sharded.local_bytes(p.grad for p in model.parameters())
+    # the global norm over every shard (a DTensor all-reduce), before clipping
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm(cfg))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total, grad_bytes, norm
 
 
 STRATEGIES = {"ddp": Replicated, "fsdp": Sharded}
@@ -153,7 +165,7 @@ def _trackers(cfg: Config, project_dir: str | None) -> dict:
     return {"log_with": list(cfg.logging.trackers), "project_dir": project_dir}
 
 
-def _max_norm(cfg: Config) -> float:
+def max_norm(cfg: Config) -> float:
     return cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
 
 
@@ -165,7 +177,7 @@ def grad_norm(strategy) -> float:
     return float(norm)
 
 
-def _state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer, grad_bytes: int) -> dict[str, int]:
+def state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer, grad_bytes: int) -> dict[str, int]:
     """What this rank holds of the training state (a DTensor counts its local shard); gradients
     as measured at their peak, just before the optimizer step."""
     return {

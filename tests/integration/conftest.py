@@ -184,15 +184,19 @@ class FsdpRuns:
 @pytest.fixture(scope="session")
 def fsdp_runs(runs, ray_address) -> FsdpRuns:
     """train.strategy=fsdp on the shared data: 24 steps straight, and the same 24 stopped at 10
-    and resumed. Few and short: each run costs a worker group's start."""
+    and resumed, with activation checkpointing (which must change no bit). Few and short: each
+    run costs a worker group's start."""
     common = ["--config", "test", "--storage", runs.storage, "--set", f"data.path={runs.data}",
               "--set", "train.strategy=fsdp", "--max-steps", 24]
     straight = launcher.run(common + ["--run-name", "fsdp-straight", "--audit-dir", runs.audit / "fsdp-straight"],
                             ray_address=ray_address)
     assert straight.rc == 0, straight.out[-4000:]
-    first = launcher.run(common[:-2] + ["--run-name", "fsdp-chain", "--max-steps", 10], ray_address=ray_address)
+    recompute = ["--set", "train.activation_checkpointing=full"]
+    first = launcher.run(common[:-2] + recompute + ["--run-name", "fsdp-chain", "--max-steps", 10],
+                         ray_address=ray_address)
     assert first.rc == 0, first.out[-4000:]
-    second = launcher.run(common + ["--run-name", "fsdp-chain", "--resume", "latest"], ray_address=ray_address)
+    second = launcher.run(common + recompute + ["--run-name", "fsdp-chain", "--resume", "latest"],
+                          ray_address=ray_address)
     assert second.rc == 0, second.out[-4000:]
     return FsdpRuns(runs.storage, runs.data, runs.audit, straight, [first, second])
 

@@ -52,6 +52,11 @@ def test_every_rank_writes_its_shards_into_one_named_checkpoint(fsdp_runs):
 
 
 def test_fsdp_stop_and_resume_is_bitwise_equal_to_straight(fsdp_runs):
+    """The chain runs with train.activation_checkpointing=full (dropout on), the straight run
+    without: recomputing each block's forward changes no loss and no weight."""
+    assert all("♻️  Activation checkpointing: 2 blocks recompute their forward in backward" in r.out
+               for r in fsdp_runs.chain)
+    assert "Activation checkpointing" not in fsdp_runs.straight.out
     straight = read_json(fsdp_runs.ckpt("fsdp-straight", FINAL) / "training_metrics.json")
     chain = read_json(fsdp_runs.ckpt("fsdp-chain", FINAL) / "training_metrics.json")
     assert [s for s, _ in straight["loss_history"]] == list(range(1, 25))
