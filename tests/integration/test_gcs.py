@@ -243,7 +243,9 @@ def test_a_ddp_checkpoint_in_the_bucket_is_vetted_reading_its_pickles_only(gcs, 
     from ray_job.resume import resolve_resume
     from storage.location import resolve
 
-    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs.url)
+    # Reads only: the fake-gcs-server binary itself. Through storage/emulator.py's precondition
+    # front pyarrow's open_input_file comes back closed (found at the merge, not yet fixed).
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{gcs.backend_port}")
     name = "checkpoint-epoch0-step8-files2"
     moments = {"exp_avg": torch.zeros(2 << 20), "exp_avg_sq": torch.zeros(2 << 20)}
     big = {"state": {0: {"step": torch.tensor(1.0), **moments}},
